@@ -1,0 +1,3 @@
+"""Placeholder until the checks land."""
+
+CHECKS: dict = {}
