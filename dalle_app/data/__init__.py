@@ -1,0 +1,44 @@
+"""The procedural world the embedded model is trained on: captioned 64x64 scenes of flat shapes.
+
+``sample`` / ``batch`` draw training or held-out scenes; ``heldout_prompts`` gives evaluation
+prompts built only from combinations training never shows (see ``world`` for the split).
+"""
+
+from dalle_app.data.dataset import Batch, Prompt, Sample, Split, Target, batch, heldout_prompts, sample
+from dalle_app.data.world import (
+    COLORS,
+    HELDOUT_PAIRS,
+    IMAGE_SIZE,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    ObjectSpec,
+    canonical_triple,
+    heldout_triples,
+    is_heldout_pair,
+    is_heldout_scene,
+    is_heldout_triple,
+)
+
+__all__ = [
+    "Batch",
+    "COLORS",
+    "HELDOUT_PAIRS",
+    "IMAGE_SIZE",
+    "ObjectSpec",
+    "Prompt",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "Sample",
+    "Split",
+    "Target",
+    "batch",
+    "canonical_triple",
+    "heldout_prompts",
+    "heldout_triples",
+    "is_heldout_pair",
+    "is_heldout_scene",
+    "is_heldout_triple",
+    "sample",
+]

@@ -1,0 +1,199 @@
+"""Seeded samples, batches and evaluation prompts of the procedural world.
+
+``sample(rng, "train")`` never shows a held-out combination (see ``world``); ``sample(rng,
+"heldout")`` always shows one. Scenes are laid out so that a relation is unambiguous: along the
+relation's axis the objects are well apart, across it they are offset by at most half that gap.
+Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from dalle_app.data import captions
+from dalle_app.data.shapes import render
+from dalle_app.data.world import (
+    COLORS,
+    HELDOUT_PAIRS,
+    IMAGE_SIZE,
+    INVERSE,
+    RELATIONS,
+    SIZE_JITTER,
+    SIZES,
+    ObjectSpec,
+    heldout_triples,
+    is_heldout_scene,
+    training_pairs,
+)
+
+Split = Literal["train", "heldout"]
+MARGIN = 2  # pixels kept free at the image border
+GAP = 4  # minimum free pixels between the two objects' boxes along the relation axis
+SINGLE_FRACTION = 0.4  # share of one-object scenes
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A rendered scene; ``relation`` reads 'objects[0] relation objects[1]' (None for one object)."""
+
+    image: np.ndarray  # uint8 (64, 64, 3)
+    caption: str
+    objects: list[ObjectSpec]
+    relation: str | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # uint8 (n, 64, 64, 3)
+    captions: list[str]
+    samples: list[Sample]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a prompt asks for about one object; ``size`` None means any size."""
+
+    color: str
+    shape: str
+    size: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An evaluation prompt with what a correct image shows ('targets[0] relation targets[1]')."""
+
+    text: str
+    targets: list[Target]
+    relation: str | None
+    kind: Literal["single", "relation"]
+
+
+def _side(size: str, rng: np.random.Generator) -> int:
+    return SIZES[size] + int(rng.integers(-SIZE_JITTER[size], SIZE_JITTER[size] + 1))
+
+
+def _single_layout(side: int, rng: np.random.Generator) -> tuple[float, float]:
+    lo, hi = MARGIN + side / 2, IMAGE_SIZE - MARGIN - side / 2
+    return (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+
+
+def _pair_layout(
+    side_a: int, side_b: int, relation: str, rng: np.random.Generator
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centers of A and B such that 'A relation B' is clear and both stay inside the image."""
+    first, second = (side_a, side_b) if relation in ("above", "left of") else (side_b, side_a)
+    reach = (first + second) / 2
+    gap = float(rng.uniform(reach + GAP, IMAGE_SIZE - 2 * MARGIN - reach))
+    start = float(rng.uniform(MARGIN + first / 2, IMAGE_SIZE - MARGIN - second / 2 - gap))
+    along = (start, start + gap)
+    # Across the axis: near the middle, the two offsets differ by at most half the gap.
+    across = []
+    for side in (first, second):
+        room = min(8.0, IMAGE_SIZE / 2 - MARGIN - side / 2, gap / 4)
+        across.append(IMAGE_SIZE / 2 + float(rng.uniform(-room, room)))
+    if relation in ("above", "below"):
+        centers = ((across[0], along[0]), (across[1], along[1]))
+    else:
+        centers = ((along[0], across[0]), (along[1], across[1]))
+    return centers if relation in ("above", "left of") else (centers[1], centers[0])
+
+
+def _pick(rng: np.random.Generator, items: list) -> object:
+    return items[int(rng.integers(len(items)))]
+
+
+def _scene(
+    rng: np.random.Generator, split: Split
+) -> tuple[list[tuple[str, str]], str | None]:
+    """(color, shape) of each object and the relation, drawn for the split."""
+    train = training_pairs()
+    if split == "train":
+        if rng.random() < SINGLE_FRACTION:
+            return [_pick(rng, train)], None
+        while True:
+            a, b = _pick(rng, train), _pick(rng, train)
+            relation = _pick(rng, list(RELATIONS))
+            dummy = [ObjectSpec(*a, "small", (0, 0)), ObjectSpec(*b, "small", (0, 0))]
+            if a != b and not is_heldout_scene(dummy, relation):
+                return [a, b], relation
+    if split != "heldout":
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if rng.random() < SINGLE_FRACTION:
+        return [_pick(rng, sorted(HELDOUT_PAIRS))], None
+    ca, sa, relation, cb, sb = _pick(rng, list(heldout_triples()))
+    if rng.random() < 0.5:
+        return [(cb, sb), (ca, sa)], INVERSE[relation]
+    return [(ca, sa), (cb, sb)], relation
+
+
+def sample(rng: np.random.Generator, split: Split = "train") -> Sample:
+    """One captioned scene of the split, drawn from ``rng``."""
+    pairs, relation = _scene(rng, split)
+    sizes = [_pick(rng, list(SIZES)) for _ in pairs]
+    sides = [_side(size, rng) for size in sizes]
+    if relation is None:
+        centers = [_single_layout(sides[0], rng)]
+    else:
+        centers = list(_pair_layout(sides[0], sides[1], relation, rng))
+    objects = [ObjectSpec(c, s, size, center) for (c, s), size, center in zip(pairs, sizes, centers)]
+    image = render(objects, sides, rng)
+    if relation is None:
+        caption = captions.single_caption(objects[0], rng)
+    else:
+        caption = captions.pair_caption(objects[0], relation, objects[1], rng)
+    return Sample(image=image, caption=caption, objects=objects, relation=relation)
+
+
+def batch(seed: int, n: int, split: Split = "train") -> Batch:
+    """``n`` samples from ``np.random.default_rng(seed)``: identical for identical arguments."""
+    rng = np.random.default_rng(seed)
+    samples = [sample(rng, split) for _ in range(n)]
+    images = np.stack([s.image for s in samples]) if samples else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return Batch(images=images, captions=[s.caption for s in samples], samples=samples)
+
+
+def _single_prompts() -> list[Prompt]:
+    prompts = []
+    for size in (None, "small", "large"):
+        for color, shape in sorted(HELDOUT_PAIRS, key=lambda p: (list(COLORS).index(p[0]), p[1])):
+            text = captions.with_article(captions.noun_phrase(color, shape, size))
+            prompts.append(Prompt(text, [Target(color, shape, size)], None, "single"))
+    return prompts
+
+
+def _relation_prompts(seed: int) -> list[Prompt]:
+    rng = np.random.default_rng(seed)
+    triples = list(heldout_triples())
+    prompts = []
+    for index in rng.permutation(len(triples)):
+        ca, sa, relation, cb, sb = triples[index]
+        a, b = Target(ca, sa), Target(cb, sb)
+        if rng.random() < 0.5:
+            a, b, relation = b, a, INVERSE[relation]
+        text = "{} {} {}".format(
+            captions.with_article(f"{a.color} {a.shape}"), relation, captions.with_article(f"{b.color} {b.shape}")
+        )
+        prompts.append(Prompt(text, [a, b], relation, "relation"))
+    return prompts
+
+
+def heldout_prompts(n: int, seed: int = 0) -> list[Prompt]:
+    """``n`` evaluation prompts, alternating one-object held-out pairs and held-out relations.
+
+    Single prompts ("a small yellow circle") cover each held-out pair without a size, then small,
+    then large; relation prompts ("a red square above a blue circle") are held-out triples in an
+    order fixed by ``seed``. When one kind runs out the other fills the list.
+    """
+    singles, relations = _single_prompts(), _relation_prompts(seed)
+    out: list[Prompt] = []
+    while len(out) < n and (singles or relations):
+        for pool in (singles, relations):
+            if pool and len(out) < n:
+                out.append(pool.pop(0))
+    return out
+
+
+__all__ = ["Batch", "Prompt", "Sample", "Split", "Target", "batch", "heldout_prompts", "sample"]

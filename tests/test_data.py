@@ -1,0 +1,129 @@
+"""The procedural world: determinism, the fixed held-out split, and captions that match the scene."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dalle_app.data import (
+    COLORS,
+    HELDOUT_PAIRS,
+    IMAGE_SIZE,
+    SHAPES,
+    batch,
+    canonical_triple,
+    heldout_prompts,
+    heldout_triples,
+    is_heldout_pair,
+    is_heldout_scene,
+    is_heldout_triple,
+    sample,
+)
+from dalle_app.data.captions import RELATION_WORDS
+
+N_MANY = 3000
+
+
+@pytest.fixture(scope="module")
+def train_batch():
+    return batch(seed=123, n=N_MANY, split="train")
+
+
+def test_same_seed_same_bytes():
+    a, b = batch(7, 20), batch(7, 20)
+    assert a.images.tobytes() == b.images.tobytes()
+    assert a.captions == b.captions
+    assert batch(8, 20).images.tobytes() != a.images.tobytes()
+
+
+def test_images_are_64x64_rgb_uint8(train_batch):
+    assert IMAGE_SIZE == 64
+    assert train_batch.images.shape == (N_MANY, 64, 64, 3)
+    assert train_batch.images.dtype == np.uint8
+
+
+def test_split_is_fixed_and_covers_every_attribute():
+    assert len(HELDOUT_PAIRS) == 8
+    assert {c for c, _ in HELDOUT_PAIRS} == set(COLORS)
+    assert {s for _, s in HELDOUT_PAIRS} == set(SHAPES)
+    triples = heldout_triples()
+    assert 200 < len(triples) < 600
+    # the same scene said either way is held out either way
+    for ca, sa, rel, cb, sb in triples[:50]:
+        inverse = {"above": "below", "left of": "right of"}[rel]
+        assert is_heldout_triple((cb, sb), inverse, (ca, sa))
+        assert canonical_triple((cb, sb), inverse, (ca, sa)) == (ca, sa, rel, cb, sb)
+
+
+def _mentioned_pairs(caption: str) -> list[tuple[str, str]]:
+    words = caption.split()
+    return [(w, words[i + 1]) for i, w in enumerate(words[:-1]) if w in COLORS]
+
+
+def test_training_never_shows_or_mentions_heldout_combinations(train_batch):
+    for s in train_batch.samples:
+        assert not is_heldout_scene(s.objects, s.relation), s
+        for pair in _mentioned_pairs(s.caption):
+            assert not is_heldout_pair(*pair), s.caption
+    # both one- and two-object scenes, every relation
+    counts = {n: sum(len(s.objects) == n for s in train_batch.samples) for n in (1, 2)}
+    assert counts[1] > 0.3 * N_MANY and counts[2] > 0.5 * N_MANY
+    assert {s.relation for s in train_batch.samples} == {None, "above", "below", "left of", "right of"}
+
+
+def test_heldout_split_always_shows_a_heldout_combination():
+    for s in batch(5, 300, split="heldout").samples:
+        assert is_heldout_scene(s.objects, s.relation)
+
+
+def _relation_in_caption(caption: str) -> str | None:
+    for relation, words in RELATION_WORDS.items():
+        for w in sorted(words, key=len, reverse=True):
+            if re.search(rf" {w} (a|an) ", caption):
+                return relation
+    return None
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_captions_describe_the_scene(split):
+    inverse = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+    rng = np.random.default_rng(99)
+    for _ in range(500):
+        s = sample(rng, split)
+        said = _mentioned_pairs(s.caption)
+        assert sorted(said) == sorted((o.color, o.shape) for o in s.objects), s.caption
+        for size_word, size in (("tiny", "small"), ("little", "small"), ("big", "large"), ("small", "small"), ("large", "large")):
+            for i, w in enumerate(s.caption.split()[:-1]):
+                if w == size_word:
+                    color = s.caption.split()[i + 1]
+                    assert any(o.color == color and o.size == size for o in s.objects), s.caption
+        if len(s.objects) == 2:
+            a, b = s.objects
+            relation = _relation_in_caption(s.caption)
+            if relation is not None:
+                first = said[0]
+                expected = s.relation if first == (a.color, a.shape) else inverse[s.relation]
+                assert relation == expected, (s.caption, s.relation)
+            # geometry agrees with the relation: dominant axis and sign
+            dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+            geometric = ("above" if dy > 0 else "below") if abs(dy) > abs(dx) else ("left of" if dx > 0 else "right of")
+            assert geometric == s.relation
+            assert max(abs(dx), abs(dy)) >= 2 * min(abs(dx), abs(dy))
+
+
+def test_heldout_prompts_are_heldout_and_deterministic():
+    prompts = heldout_prompts(40)
+    assert len(prompts) == 40
+    assert prompts == heldout_prompts(40)
+    assert {p.kind for p in prompts} == {"single", "relation"}
+    for p in prompts:
+        if p.kind == "single":
+            (t,) = p.targets
+            assert is_heldout_pair(t.color, t.shape)
+            assert p.text.endswith(f"{t.color} {t.shape}")
+        else:
+            a, b = p.targets
+            assert is_heldout_triple((a.color, a.shape), p.relation, (b.color, b.shape))
+            assert f" {p.relation} " in p.text
