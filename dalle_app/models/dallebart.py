@@ -1,0 +1,554 @@
+"""DalleBart (DALL·E Mini / Mega): the text encoder and image-token decoder, in Flax linen.
+
+The math is that of `dalle-mini` 0.1.5 for the published checkpoints (see
+/work/shared/reference/MODEL_NOTES.md §2): NormFormer layer norms (eps 1e-5, float32 one-pass
+statistics, bias-only pre-norms), GLU feed-forward with exact GELU, attention logits divided by
+sqrt(head_dim) *after* QKᵀ, additive -inf masks, learned positions without offset, no embedding
+scaling, untied lm_head with image_vocab_size + 1 outputs.
+
+Parameter names are exactly those of the checkpoints. The module always keeps its layers in the
+*scanned* layout (`.../layers/FlaxBartEncoderLayers/...`, one leading layer axis), the layout of
+the published mini and mega: one compiled layer body, and one weight read per layer per step.
+Unscanned checkpoints (`FlaxBartEncoderLayer_0`, ...) are stacked at load (`stack_layers`);
+`unstack_layer_shapes` gives the unscanned naming of a parameter tree.
+
+Engine API (what the sampler builds on). All of these are pure and jit-able; they are methods of
+`DalleBartModel` (what `load_dallebart` returns), each a thin `module.apply` over the linen
+method of the same name on `DalleBart`:
+
+    encode(params, input_ids (B,T) int32, attention_mask (B,T) int32) -> (B, T, d)
+    decode(params, decoder_input_ids (B,L) int32, encoder_hidden (B,T,d), encoder_mask (B,T))
+        -> logits (B, L, image_vocab_size + 1) float32          # teacher-forced, causal
+    cross_kv(params, encoder_hidden (B,T,d)) -> KV(k, v), each (decoder_layers, B, T, H, head_dim)
+        # the cross-attention keys/values of every decoder layer, computed once per request
+    decode_step(params, tokens (B,) int32, position int32 scalar, cache: KV, cross: KV,
+                encoder_mask (B,T)) -> (logits (B, image_vocab_size + 1) float32, cache: KV)
+        # one decoder position for the whole batch; feed BOS at position 0, then the code
+        # chosen at step t at position t + 1. Jit with donate_argnums for the cache to update
+        # it in place.
+
+and the module-level function
+
+    init_cache(config, batch, dtype) -> KV(k, v), each zeros (decoder_layers, B, image_length, H, head_dim)
+
+Everything is computed in the dtype the parameters were cast to at load (float32, bfloat16 or
+float16); logits are returned in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dalle_app.models import weights
+from dalle_app.models.dallebart_config import DalleBartConfig, UnsupportedConfigError
+from dalle_app.models.weights import CheckpointError
+
+__all__ = [
+    "DalleBart", "DalleBartConfig", "DalleBartModel", "KV", "UnsupportedConfigError",
+    "CheckpointError", "init_cache", "load_dallebart", "stack_layers", "unstack_layer_shapes",
+]
+
+WEIGHTS_NAME = "flax_model.msgpack"
+LN_EPS = 1e-5
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(nn.gelu, approximate=False),  # exact erf GELU, as transformers' Flax "gelu"
+    "gelu_new": partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.swish,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+}
+
+
+class KV(NamedTuple):
+    """Keys and values of every decoder layer: each (layers, B, length, heads, head_dim)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.Module):
+    """flax 0.6 LayerNorm with eps 1e-5: one-pass float32 statistics, optional scale.
+
+    Written out rather than taken from flax so that the variance E[x²]−E[x]² (clamped at 0) and
+    the float32 normalization stay fixed whatever flax version is installed.
+    """
+
+    use_scale: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.maximum(0.0, jnp.mean(lax.square(x32), axis=-1, keepdims=True) - lax.square(mean))
+        y = (x32 - mean) * lax.rsqrt(var + LN_EPS)
+        if self.use_scale:
+            y = y * self.param("scale", nn.initializers.ones, (features,), self.dtype)
+        y = y + self.param("bias", nn.initializers.zeros, (features,), self.dtype)
+        return y.astype(self.dtype)
+
+
+def _norm(config: DalleBartConfig, dtype: Any, scaled: bool, name: str | None = None) -> LayerNorm:
+    """Norms that feed a dense layer have no scale unless force_ln_scale (NormFormer)."""
+    return LayerNorm(use_scale=scaled or config.force_ln_scale, dtype=dtype, name=name)
+
+
+def _dense(config: DalleBartConfig, features: int, dtype: Any, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=config.use_bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+def attention_bias(mask: jax.Array, dtype: Any) -> jax.Array:
+    """Boolean/int mask → additive bias: 0 where attended, -inf elsewhere."""
+    return jnp.where(mask > 0, 0.0, -jnp.inf).astype(dtype)
+
+
+class FlaxBartAttention(nn.Module):
+    """Multi-head attention without biases; `kv` and `__call__` are split so that keys and
+    values can come from a cache or be computed once per request (cross-attention)."""
+
+    config: DalleBartConfig
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        d = self.config.d_model
+        self.q_proj = _dense(self.config, d, self.dtype)
+        self.k_proj = _dense(self.config, d, self.dtype)
+        self.v_proj = _dense(self.config, d, self.dtype)
+        self.out_proj = _dense(self.config, d, self.dtype)
+        if self.config.use_head_scale:  # NormFormer per-head output gain
+            self.head_scale = self.param("head_scale", nn.initializers.ones, (1, 1, self.num_heads, 1), self.dtype)
+
+    def _split_heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[:2] + (self.num_heads, -1))
+
+    def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, S, d) → keys and values, each (B, S, H, head_dim)."""
+        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+
+    def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        """Queries from x (B, L, d) attend over k, v (B, S, H, hd); bias broadcasts to (B, H, L, S)."""
+        q = self._split_heads(self.q_proj(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        logits = logits / jnp.sqrt(q.shape[-1]).astype(self.dtype)  # after QKᵀ, as 0.1.5
+        probs = jax.nn.softmax(logits + bias).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if self.config.use_head_scale:
+            out = out * self.head_scale
+        return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
+
+
+class GLU(nn.Module):
+    """NormFormer GLU: LN → gelu(x W0) ⊙ (x W1) → LN over ffn_dim → W2."""
+
+    config: DalleBartConfig
+    ffn_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, act = self.config, ACTIVATIONS[self.config.activation_function]
+        x = _norm(cfg, self.dtype, False, "LayerNorm_0")(x)
+        w = act(_dense(cfg, self.ffn_dim, self.dtype, "Dense_0")(x))
+        v = _dense(cfg, self.ffn_dim, self.dtype, "Dense_1")(x)
+        x = _norm(cfg, self.dtype, False, "LayerNorm_1")(w * v)
+        return _dense(cfg, cfg.d_model, self.dtype, "Dense_2")(x)
+
+
+class FFN(nn.Module):
+    """Plain NormFormer feed-forward (use_glu=false): LN → act(x W0) → LN → W1."""
+
+    config: DalleBartConfig
+    ffn_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, act = self.config, ACTIVATIONS[self.config.activation_function]
+        x = _norm(cfg, self.dtype, False, "LayerNorm_0")(x)
+        x = act(_dense(cfg, self.ffn_dim, self.dtype, "Dense_0")(x))
+        x = _norm(cfg, self.dtype, False, "LayerNorm_1")(x)
+        return _dense(cfg, cfg.d_model, self.dtype, "Dense_1")(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers. Each is scanned over the layer axis (nn.scan), so every method has the scan signature
+# (carry, per_layer_inputs, shared_inputs) -> (carry, per_layer_outputs).
+
+
+class FlaxBartEncoderLayer(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.LayerNorm_0 = _norm(cfg, self.dtype, False)
+        self.FlaxBartAttention_0 = FlaxBartAttention(cfg, cfg.encoder_attention_heads, self.dtype)
+        self.LayerNorm_1 = _norm(cfg, self.dtype, True)
+        if cfg.use_glu:
+            self.GLU_0 = GLU(cfg, cfg.encoder_ffn_dim, self.dtype)
+        else:
+            self.FFN_0 = FFN(cfg, cfg.encoder_ffn_dim, self.dtype)
+
+    def _feed_forward(self, x: jax.Array) -> jax.Array:
+        return self.GLU_0(x) if self.config.use_glu else self.FFN_0(x)
+
+    def __call__(self, x: jax.Array, _: None, bias: jax.Array) -> tuple[jax.Array, None]:
+        h = self.LayerNorm_0(x)
+        k, v = self.FlaxBartAttention_0.kv(h)
+        x = x + self.LayerNorm_1(self.FlaxBartAttention_0(h, k, v, bias))
+        return x + self._feed_forward(x), None
+
+
+class FlaxBartDecoderLayer(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        heads = cfg.decoder_attention_heads
+        self.LayerNorm_0 = _norm(cfg, self.dtype, False)
+        self.FlaxBartAttention_0 = FlaxBartAttention(cfg, heads, self.dtype)  # causal self
+        self.LayerNorm_1 = _norm(cfg, self.dtype, True)
+        self.LayerNorm_2 = _norm(cfg, self.dtype, False)
+        self.FlaxBartAttention_1 = FlaxBartAttention(cfg, heads, self.dtype)  # cross
+        self.LayerNorm_3 = _norm(cfg, self.dtype, True)
+        if cfg.use_glu:
+            self.GLU_0 = GLU(cfg, cfg.decoder_ffn_dim, self.dtype)
+        else:
+            self.FFN_0 = FFN(cfg, cfg.decoder_ffn_dim, self.dtype)
+
+    def _feed_forward(self, x: jax.Array) -> jax.Array:
+        return self.GLU_0(x) if self.config.use_glu else self.FFN_0(x)
+
+    def cross_kv(self, encoder_hidden: jax.Array, _: None, __: None) -> tuple[jax.Array, tuple]:
+        return encoder_hidden, self.FlaxBartAttention_1.kv(encoder_hidden)
+
+    def __call__(self, x: jax.Array, layer_inputs: tuple, shared: tuple) -> tuple[jax.Array, tuple]:
+        """x (B, L, d) holds positions position..position+L-1.
+
+        layer_inputs: this layer's self-attention cache (k, v), each (B, S, H, hd), and its
+        cross-attention (k, v). Returns the new self-attention keys/values of the L positions;
+        the caller writes them into the cache.
+        """
+        cache_k, cache_v, cross_k, cross_v = layer_inputs
+        position, self_bias, cross_bias = shared
+        h = self.LayerNorm_0(x)
+        k, v = self.FlaxBartAttention_0.kv(h)
+        at = (0, position, 0, 0)
+        all_k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+        all_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+        x = x + self.LayerNorm_1(self.FlaxBartAttention_0(h, all_k, all_v, self_bias))
+        h = self.LayerNorm_2(x)
+        x = x + self.LayerNorm_3(self.FlaxBartAttention_1(h, cross_k, cross_v, cross_bias))
+        return x + self._feed_forward(x), (k, v)
+
+
+def _scanned(layer: type[nn.Module], config: DalleBartConfig, n: int, dtype: Any, methods: list[str]) -> nn.Module:
+    """n copies of `layer` with weights stacked on a leading axis, named as in the checkpoints."""
+    return nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast), length=n, methods=methods,
+    )(config, dtype)
+
+
+class EncoderLayers(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.FlaxBartEncoderLayers = _scanned(
+            FlaxBartEncoderLayer, self.config, self.config.encoder_layers, self.dtype, ["__call__"])
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        return self.FlaxBartEncoderLayers(x, None, bias)[0]
+
+
+class DecoderLayers(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.FlaxBartDecoderLayers = _scanned(
+            FlaxBartDecoderLayer, self.config, self.config.decoder_layers, self.dtype, ["__call__", "cross_kv"])
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> KV:
+        return KV(*self.FlaxBartDecoderLayers.cross_kv(encoder_hidden, None, None)[1])
+
+    def __call__(self, x: jax.Array, cache: KV, cross: KV, shared: tuple) -> tuple[jax.Array, KV]:
+        x, new = self.FlaxBartDecoderLayers(x, (cache.k, cache.v, cross.k, cross.v), shared)
+        return x, KV(*new)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder, decoder, full model
+
+
+class _Stack(nn.Module):
+    """What encoder and decoder share: token + learned absolute position embeddings,
+    layernorm_embedding (scale and bias), and an optional bias-only final_ln."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def _setup_embeddings(self, vocab_size: int, max_positions: int, final_ln: bool) -> None:
+        embed = partial(nn.Embed, features=self.config.d_model, dtype=self.dtype, param_dtype=self.dtype)
+        self.embed_tokens = embed(vocab_size)
+        if self.config.use_absolute_position_embeddings:
+            self.embed_positions = embed(max_positions)
+        self.layernorm_embedding = LayerNorm(use_scale=True, dtype=self.dtype)
+        self.final_ln = _norm(self.config, self.dtype, False) if final_ln else None
+
+    def _embed(self, ids: jax.Array, first_position: jax.Array | int) -> jax.Array:
+        x = self.embed_tokens(ids)
+        if self.config.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), self.dtype)
+        if self.config.use_absolute_position_embeddings:
+            x = x + self.embed_positions(first_position + jnp.arange(ids.shape[-1]))
+        return self.layernorm_embedding(x)
+
+    def _final(self, x: jax.Array) -> jax.Array:
+        return x if self.final_ln is None else self.final_ln(x)
+
+
+class FlaxBartEncoder(_Stack):
+    def setup(self) -> None:
+        cfg = self.config
+        self._setup_embeddings(cfg.encoder_vocab_size, cfg.max_text_length, cfg.use_final_ln_encoder)
+        self.layers = EncoderLayers(cfg, self.dtype)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        x = self._embed(input_ids, 0)
+        x = self.layers(x, attention_bias(attention_mask[:, None, None, :], self.dtype))
+        return self._final(x)
+
+
+class FlaxBartDecoder(_Stack):
+    def setup(self) -> None:
+        cfg = self.config
+        self._setup_embeddings(cfg.num_image_tokens, cfg.image_length, cfg.use_final_ln_decoder)
+        self.layers = DecoderLayers(cfg, self.dtype)
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> KV:
+        return self.layers.cross_kv(encoder_hidden)
+
+    def __call__(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
+                 encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        """Run tokens (B, L) at positions position..position+L-1 against a cache of S slots."""
+        length, slots = tokens.shape[1], cache.k.shape[2]
+        x = self._embed(tokens, position)
+        query_pos = position + jnp.arange(length)[:, None]
+        self_bias = attention_bias(jnp.arange(slots)[None, :] <= query_pos, self.dtype)[None, None]
+        cross_bias = attention_bias(encoder_mask[:, None, None, :], self.dtype)
+        x, new = self.layers(x, cache, cross, (position, self_bias, cross_bias))
+        at = (0, 0, position, 0, 0)
+        cache = KV(lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), at),
+                   lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), at))
+        return self._final(x), cache
+
+
+class FlaxBartModule(nn.Module):
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.encoder = FlaxBartEncoder(self.config, self.dtype)
+        self.decoder = FlaxBartDecoder(self.config, self.dtype)
+
+
+class DalleBart(nn.Module):
+    """The full model; its linen methods are the engine API (see the module docstring)."""
+
+    config: DalleBartConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.model = FlaxBartModule(self.config, self.dtype)
+        self.lm_head = nn.Dense(self.config.num_image_tokens, use_bias=False, dtype=self.dtype,
+                                param_dtype=self.dtype)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return self.model.encoder(input_ids, attention_mask)
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> KV:
+        return self.model.decoder.cross_kv(encoder_hidden.astype(self.dtype))
+
+    def decode_chunk(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
+                     encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        """Logits (B, L, V+1) float32 of L consecutive positions, and the updated cache."""
+        x, cache = self.model.decoder(tokens, position, cache, cross, encoder_mask)
+        return self.lm_head(x).astype(jnp.float32), cache
+
+    def decode_step(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
+                    encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        logits, cache = self.decode_chunk(tokens[:, None], position, cache, cross, encoder_mask)
+        return logits[:, 0], cache
+
+    def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
+               encoder_mask: jax.Array) -> jax.Array:
+        """Teacher-forced causal logits (B, L, V+1) float32."""
+        batch, length = decoder_input_ids.shape
+        cache = init_cache(self.config, batch, self.dtype, length)
+        return self.decode_chunk(decoder_input_ids, 0, cache, self.cross_kv(encoder_hidden), encoder_mask)[0]
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+
+def init_cache(config: DalleBartConfig, batch: int, dtype: Any = jnp.float32, length: int | None = None) -> KV:
+    """Empty self-attention cache: k, v zeros (decoder_layers, batch, length or image_length, H, hd)."""
+    heads = config.decoder_attention_heads
+    shape = (config.decoder_layers, batch, length or config.image_length, heads, config.d_model // heads)
+    return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter layouts
+
+
+_UNSCANNED = {"FlaxBartEncoderLayers": "FlaxBartEncoderLayer", "FlaxBartDecoderLayers": "FlaxBartDecoderLayer"}
+
+
+def abstract_params(config: DalleBartConfig, dtype: Any = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {path: ShapeDtypeStruct} of the (scanned) parameters, without allocating them."""
+    module = DalleBart(config, dtype)
+    text = jnp.ones((1, config.max_text_length), jnp.int32)
+    image = jnp.ones((1, config.image_length), jnp.int32)
+    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), text, text, image))
+    return weights.flatten(tree["params"])
+
+
+def unstack_layer_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Scanned {path: shape} → the unscanned naming (`FlaxBartEncoderLayer_{i}`, no layer axis)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path, shape in shapes.items():
+        parts = path.split("/")
+        hit = next((i for i, p in enumerate(parts) if p in _UNSCANNED), None)
+        if hit is None:
+            out[path] = tuple(shape)
+            continue
+        for layer in range(shape[0]):
+            name = f"{_UNSCANNED[parts[hit]]}_{layer}"
+            out["/".join(parts[:hit] + [name] + parts[hit + 1:])] = tuple(shape[1:])
+    return out
+
+
+def is_unscanned(flat: dict[str, Any]) -> bool:
+    return any(f"/{name}_0/" in path for path in flat for name in _UNSCANNED.values())
+
+
+def stack_layers(flat: dict[str, np.ndarray], scanned_paths: list[str], dtype: Any = None) -> dict[str, np.ndarray]:
+    """Unscanned checkpoint → scanned, one parameter at a time (stacked copy made, layer copies freed).
+
+    `flat` is consumed: each per-layer array is popped as soon as it has been copied, so memory
+    holds one stacked parameter more than the weights, never two copies of everything.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path in scanned_paths:
+        parts = path.split("/")
+        hit = next((i for i, p in enumerate(parts) if p in _UNSCANNED), None)
+        if hit is None:
+            out[path] = flat.pop(path)
+            continue
+        names = []
+        layer = 0
+        while True:
+            name = "/".join(parts[:hit] + [f"{_UNSCANNED[parts[hit]]}_{layer}"] + parts[hit + 1:])
+            if name not in flat:
+                break
+            names.append(name)
+            layer += 1
+        first = flat[names[0]]
+        stacked = np.empty((len(names),) + first.shape, dtype=dtype or first.dtype)
+        for i, name in enumerate(names):
+            stacked[i] = flat.pop(name)
+        out[path] = stacked
+    out.update(flat)  # anything unexpected is left for check_shapes to report
+    flat.clear()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _as_dtype(dtype: Any) -> jnp.dtype:
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {dt}")
+    return dt
+
+
+@dataclasses.dataclass(frozen=True)
+class DalleBartModel:
+    """A loaded DalleBart: config, linen module and parameters (in the compute dtype).
+
+    The methods are the engine API: pure functions of (params, inputs), safe to jit.
+    """
+
+    config: DalleBartConfig
+    module: DalleBart
+    params: Any
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.module.dtype)
+
+    def encode(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return self.module.apply({"params": params}, input_ids, attention_mask, method="encode")
+
+    def decode(self, params: Any, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
+               encoder_mask: jax.Array) -> jax.Array:
+        return self.module.apply({"params": params}, decoder_input_ids, encoder_hidden, encoder_mask,
+                                 method="decode")
+
+    def cross_kv(self, params: Any, encoder_hidden: jax.Array) -> KV:
+        return self.module.apply({"params": params}, encoder_hidden, method="cross_kv")
+
+    def init_cache(self, batch: int) -> KV:
+        return init_cache(self.config, batch, self.dtype)
+
+    def decode_step(self, params: Any, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
+                    encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        return self.module.apply({"params": params}, tokens, position, cache, cross, encoder_mask,
+                                 method="decode_step")
+
+
+def load_dallebart(folder: str | os.PathLike, dtype: Any = jnp.float32) -> DalleBartModel:
+    """Load config.json and flax_model.msgpack (scanned or unscanned; fp32, fp16 or bf16 weights),
+    cast once to `dtype`, the compute dtype.
+
+    Peak memory stays near one copy of the weights in each dtype: leaves are converted and freed
+    one at a time.
+    """
+    folder = Path(folder)
+    compute = _as_dtype(dtype)
+    config = DalleBartConfig.from_pretrained(folder)
+    path = folder / WEIGHTS_NAME
+    expected = {k: v.shape for k, v in abstract_params(config, compute).items()}
+    flat = weights.flatten(weights.read_msgpack(path))
+    if is_unscanned(flat):
+        weights.check_shapes(flat, unstack_layer_shapes(expected), str(path))
+        flat = stack_layers(flat, sorted(expected), compute)
+    weights.check_shapes(flat, expected, str(path))
+    params = weights.to_device_tree(flat, compute)
+    return DalleBartModel(config, DalleBart(config, compute), params)
