@@ -1,0 +1,160 @@
+"""The configured model list, and the loaded models behind it.
+
+The operator configures which models the app offers: the embedded default, DALL·E Mini and
+Mega, plus any folder or hub repository listed in $DALLE_APP_MODELS (comma-separated). The UI
+and the API can choose only among these names; a model that cannot be used here (not
+downloaded while offline, missing files) stays in the list, marked with the reason, so users
+see why it cannot be picked. Loading happens on first use, once per model, and a model that
+fails to load fails only the requests that asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+MODELS_ENV = "DALLE_APP_MODELS"
+DEFAULT_MODEL_ENV = "DALLE_APP_DEFAULT_MODEL"
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One configured model: the name users pick, the parts hub.py resolves, and whether it runs here.
+
+    `parts` maps "dalle", "vqgan" and "clip" to a hub.py reference (None = the embedded one);
+    `reason` says why an unavailable model cannot be used, `note` anything worth knowing about
+    an available one (e.g. that it will be downloaded on first use).
+    """
+
+    name: str
+    label: str
+    parts: Mapping[str, str | None]
+    available: bool = True
+    reason: str = ""
+    note: str = ""
+
+    @property
+    def choice_label(self) -> str:
+        """The dropdown label: unusable models say why, briefly."""
+        return self.label if self.available else f"{self.label} (unavailable: {short_reason(self.reason)})"
+
+
+BUILTIN_MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry(EMBEDDED, "Embedded default (colored shapes, 64×64)", {"dalle": None, "vqgan": None, "clip": None}),
+    ModelEntry("mini", "DALL·E Mini", {"dalle": "mini", "vqgan": "vqgan", "clip": "clip"}),
+    ModelEntry("mega", "DALL·E Mega", {"dalle": "mega", "vqgan": "vqgan", "clip": "clip"}),
+)
+"""The models every install offers (hub.py resolves these references)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A configured model could not be loaded; the message says why and what to do."""
+
+
+def short_reason(reason: str, limit: int = 60) -> str:
+    """The gist of a (possibly multi-line) reason, for a dropdown label."""
+    lowered = reason.lower()
+    if "offline" in lowered and ("cache" in lowered or "download" in lowered):
+        return "not downloaded, offline"
+    first = reason.strip().splitlines()[0] if reason.strip() else "unknown reason"
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def parse_model_list(value: str | None) -> list[str]:
+    """$DALLE_APP_MODELS: comma-separated folders and repos (owner/name[@revision]), blanks dropped."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def check_entry(entry: ModelEntry, describe: Callable[..., tuple[bool, str]]) -> ModelEntry:
+    """`entry` with its availability filled in: usable only if every part is."""
+    notes = []
+    for kind, ref in entry.parts.items():
+        try:
+            available, why = describe(ref, kind)
+        except Exception as e:  # a broken reference must not stop the app from starting
+            available, why = False, f"{type(e).__name__}: {e}"
+        if not available:
+            return replace(entry, available=False, reason=f"{kind}: {why}" if len(entry.parts) > 1 else why)
+        if "download" in why:
+            notes.append(why)
+    return replace(entry, available=True, reason="", note="; ".join(notes))
+
+
+class Catalog:
+    """The models the app offers, in display order, with the default one."""
+
+    def __init__(self, entries: list[ModelEntry], default: str) -> None:
+        self.entries = {entry.name: entry for entry in entries}
+        if default not in self.entries:
+            raise ValueError(
+                f"default model {default!r} is not configured; use one of {', '.join(self.entries)} "
+                f"or add it to {MODELS_ENV}"
+            )
+        self.default = default
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        describe: Callable[..., tuple[bool, str]] | None = None,
+    ) -> "Catalog":
+        """Build the list from the environment; `describe` (hub.describe_availability) never downloads."""
+        env = os.environ if env is None else env
+        if describe is None:
+            from dalle_app.hub import describe_availability as describe
+        entries = list(BUILTIN_MODELS)
+        for ref in parse_model_list(env.get(MODELS_ENV)):
+            if ref not in {e.name for e in entries}:
+                entries.append(ModelEntry(ref, ref, {"dalle": ref}))
+        default = env.get(DEFAULT_MODEL_ENV, "").strip() or EMBEDDED
+        return cls([check_entry(e, describe) for e in entries], default)
+
+    def usability(self) -> dict[str, str | None]:
+        """Name → None when usable, else the reason (what validation.check_model takes)."""
+        return {name: None if e.available else e.reason for name, e in self.entries.items()}
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, name) pairs for a dropdown."""
+        return [(e.choice_label, e.name) for e in self.entries.values()]
+
+    def unavailable(self) -> list[ModelEntry]:
+        return [e for e in self.entries.values() if not e.available]
+
+
+class ModelPool:
+    """Loaded schedulers by model name: an explicit cache, filled on first use.
+
+    `load(entry)` builds the scheduler for one configured model. One lock per name makes
+    concurrent first requests share a single load; a failed load is not cached, so fixing the
+    files (or going online) and retrying works without a restart.
+    """
+
+    def __init__(self, catalog: Catalog, load: Callable[[ModelEntry], Any]) -> None:
+        self.catalog = catalog
+        self._load = load
+        self._loaded: dict[str, Any] = {}
+        self._locks = {name: threading.Lock() for name in catalog.entries}
+
+    def get(self, name: str) -> Any:
+        """The scheduler for `name`, loading it if needed; raises ModelLoadError on failure."""
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in self._locks:
+            raise ModelLoadError(f"model {name!r} is not configured")
+        with self._locks[name]:
+            if name not in self._loaded:
+                try:
+                    self._loaded[name] = self._load(self.catalog.entries[name])
+                except ModelLoadError:
+                    raise
+                except MemoryError as e:
+                    raise ModelLoadError(f"Not enough memory to load model {name!r}.") from e
+                except Exception as e:  # any loader failure must stay this request's failure
+                    raise ModelLoadError(f"Could not load model {name!r}: {e}") from e
+            return self._loaded[name]
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
