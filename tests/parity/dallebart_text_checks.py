@@ -1,3 +1,75 @@
-"""Placeholder until the checks land."""
+"""Text side of DalleBart parity: normalizer output and processor ids against the original's.
 
-CHECKS: dict = {}
+Each check reads the folder's own config (max_text_length, normalize_text), tokenizer files,
+word list and prompts, so other reference folders of the family are checked the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dalle_app.text import TextProcessor, TokenizedPrompts
+
+
+def _expected_text(folder: Path) -> dict:
+    return json.loads((folder / "expected_text.json").read_text(encoding="utf8"))
+
+
+@functools.lru_cache(maxsize=8)
+def _processor(folder: Path) -> TextProcessor:
+    return TextProcessor.from_pretrained(folder)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenized(folder: Path) -> TokenizedPrompts:
+    return _processor(folder)(_expected_text(folder)["prompts"])
+
+
+def check_normalized(folder: Path) -> None:
+    expected = _expected_text(folder)
+    normalized = [_processor(folder).normalize(p) for p in expected["prompts"]]
+    mismatches = [
+        (prompt, want, got)
+        for prompt, want, got in zip(expected["prompts"], expected["normalized"], normalized)
+        if want != got
+    ]
+    assert not mismatches, "normalizer differs (prompt, expected, got): " + repr(mismatches)
+
+
+check_normalized.applies = lambda folder: (folder / "expected_text.json").is_file()
+
+
+def _array_check(name: str):
+    def check(folder: Path) -> None:
+        expected = np.load(folder / "expected.npz")[name]
+        got = getattr(_tokenized(folder), name)
+        assert got.shape == expected.shape, f"{name}: shape {got.shape}, expected {expected.shape}"
+        rows = np.flatnonzero((got != expected).any(axis=1))
+        if rows.size:
+            raise AssertionError(
+                f"{name} differs in rows {rows.tolist()}; row {rows[0]}: got "
+                f"{got[rows[0]].tolist()}, expected {expected[rows[0]].tolist()}"
+            )
+
+    def applies(folder: Path) -> bool:
+        if not (folder / "expected_text.json").is_file() or not (folder / "expected.npz").is_file():
+            return False
+        with np.load(folder / "expected.npz") as data:
+            return name in data.files
+
+    check.applies = applies
+    check.__name__ = f"check_{name}"
+    return check
+
+
+CHECKS = {
+    "normalized": check_normalized,
+    **{
+        name: _array_check(name)
+        for name in ("input_ids", "attention_mask", "input_ids_uncond", "attention_mask_uncond")
+    },
+}
