@@ -86,7 +86,7 @@ NAMED_MODELS: dict[str, ModelReference] = {
     "mega": ModelReference("dalle", "dalle-mini/dalle-mega", size_hint="about 10.4 GB"),
     "vqgan": ModelReference("vqgan", "dalle-mini/vqgan_imagenet_f16_16384", VQGAN_REVISION),
     "clip": ModelReference("clip", "openai/clip-vit-base-patch32"),
-    **{f"embedded-{kind}": ModelReference(kind, folder=path) for kind, path in EMBEDDED_FOLDERS.items()},
+    **{f"embedded-{kind}": ModelReference(kind, folder=f) for kind, f in EMBEDDED_FOLDERS.items()},
 }
 
 
@@ -175,7 +175,7 @@ def resolve_word_file(dalle_folder: str | os.PathLike) -> Path:
             f"it is not in {dalle_folder}, {_why_unavailable(reference)}. To fix: on a machine "
             f"with internet access run\n  hf download {WORD_FILE_REPO} {WORD_FILE} --local-dir .\n"
             f"and copy the file into the model folder, or set HF_HOME to a Hugging Face cache "
-            f"that holds it. ({type(error).__name__}: {error})"
+            f"that holds it.{_detail(error)}"
         ) from error
 
 
@@ -216,7 +216,7 @@ def describe_availability(
                     "(HF_HUB_OFFLINE=1)"
                 )
             size = f" ({reference.size_hint})" if reference.size_hint else ""
-            return True, f"{reference} will be downloaded from the Hugging Face hub on first use{size}"
+            return True, f"{reference} will be downloaded from the Hugging Face hub when used{size}"
         where = f"{reference} is cached"
     is_dalle = (reference.kind or _kind_of(folder, str(reference))) == "dalle"
     note = _word_file_note(folder) if is_dalle else ""
@@ -311,7 +311,7 @@ def _hub_call(reference: ModelReference, kind: str | None, call):
     except (EntryNotFoundError, OSError) as error:
         raise ModelNotAvailableError(
             f"Model {reference} cannot be loaded: {_why_unavailable(reference)}. To fix: "
-            f"{_download_hint(reference, kind)} ({type(error).__name__}: {error})"
+            f"{_download_hint(reference, kind)}{_detail(error)}"
         ) from error
 
 
@@ -322,6 +322,12 @@ def _why_unavailable(reference: ModelReference) -> str:
         else "the Hugging Face hub could not be reached"
     )
     return f"{reason} and it is not in the local cache ({constants.HF_HUB_CACHE})"
+
+
+def _detail(error: Exception) -> str:
+    """The library's own error text, when it adds something (a network error's cause); in
+    offline mode it would only suggest library arguments, so it is left to the chained cause."""
+    return "" if constants.is_offline_mode() else f" ({type(error).__name__}: {error})"
 
 
 def _download_hint(reference: ModelReference, kind: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Prompt text → token ids, exactly as DALL·E Mini's `DalleBartProcessor` (dalle-mini 0.1.5) does it.
+"""Prompt text → token ids, exactly as dalle-mini 0.1.5's `DalleBartProcessor` does it.
 
 The models were trained on captions passed through a fixed text normalizer, and the tokenizer
 runs with `add_prefix_space=False`, so the normalizer's output (always one leading space) decides
@@ -96,8 +96,10 @@ class HashtagSplitter:
         while end > 0:
             length = best[end][1]
             word = text[end - length : end]
-            joins_next = word != "'" and bool(words) and (
-                words[-1] == "'s" or (word[-1].isdigit() and words[-1][0].isdigit())
+            joins_next = (
+                word != "'"
+                and bool(words)
+                and (words[-1] == "'s" or (word[-1].isdigit() and words[-1][0].isdigit()))
             )
             if joins_next:
                 words[-1] = word + words[-1]

@@ -32,9 +32,12 @@ def _tokenized(folder: Path) -> TokenizedPrompts:
 def check_normalized(folder: Path) -> None:
     expected = _expected_text(folder)
     normalized = [_processor(folder).normalize(p) for p in expected["prompts"]]
+    assert len(normalized) == len(expected["normalized"]), "expected_text.json is inconsistent"
     mismatches = [
         (prompt, want, got)
-        for prompt, want, got in zip(expected["prompts"], expected["normalized"], normalized)
+        for prompt, want, got in zip(
+            expected["prompts"], expected["normalized"], normalized, strict=True
+        )
         if want != got
     ]
     assert not mismatches, "normalizer differs (prompt, expected, got): " + repr(mismatches)
