@@ -1,0 +1,374 @@
+"""Text → ranked images, diffusers style: `DallePipeline.from_pretrained(...)(prompts)`.
+
+Stages: tokenize (dalle_app.text) → encode + cross-attention K/V once per distinct text →
+sample codes (dalle_app.sampling, one shared loop for all images) → VQGAN decode → CLIP score →
+images ranked by score. The lower-level methods (`generate_codes`, `decode_images`,
+`preview_images`, `finish`) are what the request scheduler (dalle_app.scheduler) builds on.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from dalle_app import runtime
+from dalle_app.hub import resolve_model
+from dalle_app.models.clip import CLIP, load_clip
+from dalle_app.models.dallebart import DalleBartModel, load_dallebart
+from dalle_app.models.vqgan import VQGAN, load_vqgan, to_uint8
+from dalle_app.sampling import GenerationStopped, Sampler, batch_mesh, bucket_size, image_seed
+from dalle_app.text import TextProcessor
+
+ProgressCallback = Callable[[int, int, "list[Image.Image] | None"], Any]
+
+BATCH_BUCKETS = (1, 2, 4, 9, 16, 32)
+"""Image-batch sizes that get their own compiled program (9 is the default request)."""
+TEXT_BUCKETS = (2, 4, 8, 16, 32, 64)
+"""Numbers of distinct texts (prompts + unconditional inputs) the encoder is compiled for."""
+DECODE_BUCKETS = (1, 2, 4, 8)
+"""VQGAN batch sizes; larger sets of images are decoded in chunks of the largest."""
+PREVIEW_GREY = 128
+
+
+class ModelMismatchError(ValueError):
+    """The DalleBart checkpoint does not produce codes the VQGAN can decode."""
+
+
+def check_settings(num_images: int, temperature: float, top_k: int, top_p: float,
+                   cond_scale: float) -> None:
+    """Reject settings the sampler cannot honour (dalle_app.validation does the user-facing
+    cleaning; this guards the engine itself)."""
+    problems = []
+    if not (isinstance(num_images, (int, np.integer)) and num_images >= 1):
+        problems.append(f"num_images must be a whole number ≥ 1, not {num_images!r}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature must be > 0, not {temperature!r}")
+    if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+        problems.append(f"top_k must be a whole number ≥ 0 (0 = off), not {top_k!r}")
+    if not (np.isfinite(top_p) and 0 < top_p <= 1):
+        problems.append(f"top_p must be in (0, 1] (1 = off), not {top_p!r}")
+    if not np.isfinite(cond_scale):
+        problems.append(f"cond_scale must be a finite number, not {cond_scale!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """XLA reports allocation failures as XlaRuntimeError RESOURCE_EXHAUSTED."""
+    return "RESOURCE_EXHAUSTED" in str(error) or isinstance(error, MemoryError)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to sample: its text inputs, its own seed and its sampling settings."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    cond_scale: float = 10.0
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    score: float      # CLIP logits_per_image (exp(logit_scale)·cosine); nan without CLIP
+    seed: int         # regenerate this image alone with num_images=1, seed=seed
+    codes: np.ndarray  # (image_length,) int32 VQGAN codes
+
+
+@dataclass
+class PipelineOutput:
+    images: list[list[GeneratedImage]]   # per prompt, ranked by CLIP score (best first)
+    prompts: list[str]
+    timings: dict[str, float]            # encode_s, generate_s, decode_s, clip_s, total_s
+    normalized: list[str] = field(default_factory=list)  # the text the model saw, per prompt
+    truncated: list[bool] = field(default_factory=list)  # prompt longer than the text length
+
+
+_CACHE: dict[tuple, "DallePipeline"] = {}
+"""Loaded pipelines per (resolved folders, dtype): the process-wide model cache."""
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_pipeline_cache() -> None:
+    """Forget every loaded pipeline (frees their weights once no one else holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+class DallePipeline:
+    """A loaded DalleBart + VQGAN (+ CLIP) with compiled sampling programs."""
+
+    def __init__(self, dalle: DalleBartModel, text: TextProcessor, vqgan: VQGAN,
+                 clip: CLIP | None = None, batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                 devices: list[Any] | None = None) -> None:
+        check_compatible(dalle, vqgan)
+        self.dalle = dalle
+        self.text = text
+        self.vqgan = vqgan
+        self.clip = clip
+        self.dtype = dalle.dtype
+        self.batch_buckets = tuple(batch_buckets)
+        self.max_batch_images = max(self.batch_buckets)
+        mesh = batch_mesh(devices)
+        self.sampler = Sampler(dalle, mesh)
+        self.sampler.num_codes = min(dalle.config.image_vocab_size, vqgan.config.n_embed)
+        self.params = dalle.params
+        if mesh is not None:  # weights replicated on every device; rows split over them
+            self.params = jax.device_put(dalle.params, NamedSharding(mesh, P()))
+        self.progress_every = 16
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, dalle: str | os.PathLike | None = None,
+                        vqgan: str | os.PathLike | None = None,
+                        clip: str | os.PathLike | None | bool = None, dtype: Any = None,
+                        warmup: Sequence[int] = (), batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                        ) -> "DallePipeline":
+        """Load (or reuse) a pipeline.
+
+        dalle / vqgan / clip: a name of dalle_app.hub.NAMED_MODELS ("mini", "mega", "vqgan",
+        "clip"), a hub repo id, or a local folder; None means the embedded default model.
+        clip=False skips ranking (scores are nan, images keep their sampling order).
+        dtype: "float32", "bfloat16", "float16" (weights are cast once), None = the backend's
+        default (float32 on CPU, bfloat16 on GPU/TPU).
+        warmup: image-batch sizes to compile at load (e.g. (1, 9)); with JAX's persistent
+        compilation cache ($DALLE_APP_JAX_CACHE) a restart loads them from disk.
+        Pipelines are cached per (models, dtype) in this process; see clear_pipeline_cache().
+        """
+        runtime.configure()
+        compute = runtime.resolve_dtype(dtype)
+        dalle_dir = resolve_model(dalle, "dalle")
+        vqgan_dir = resolve_model(vqgan, "vqgan")
+        clip_dir = None if clip is False else resolve_model(clip if clip is not True else None, "clip")
+        key = (str(dalle_dir), str(vqgan_dir), str(clip_dir), runtime.dtype_name(compute),
+               tuple(batch_buckets), len(jax.local_devices()))
+        with _CACHE_LOCK:
+            pipe = _CACHE.get(key)
+            if pipe is None:
+                # VQGAN and CLIP run once per image, not per step: float32 costs little there and
+                # avoids fp16 overflow in the VQGAN's group norms.
+                pipe = cls(load_dallebart(dalle_dir, compute), TextProcessor.from_pretrained(dalle_dir),
+                           load_vqgan(vqgan_dir), None if clip_dir is None else load_clip(clip_dir),
+                           batch_buckets)
+                _CACHE[key] = pipe
+        if warmup:
+            pipe.warmup(warmup)
+        return pipe
+
+    @property
+    def image_length(self) -> int:
+        """Decoder steps per image (= codes per image)."""
+        return self.dalle.config.image_length
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 9)) -> float:
+        """Compile the programs for these image-batch sizes; returns the seconds it took."""
+        start = time.perf_counter()
+        for n in batch_sizes:
+            rows = [ImageSpec("warm up", seed=i) for i in range(n)]
+            self.generate_codes(rows, steps=0)
+            codes = np.zeros((n, self.image_length), np.int32)
+            images = self.decode_images(codes)
+            if self.clip is not None:
+                self.clip.score(images, ["warm up"])
+        return time.perf_counter() - start
+
+    # ---- one call -------------------------------------------------------------------------
+
+    def __call__(self, prompts: str | list[str], num_images: int = 9, seed: int = -1,
+                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                 cond_scale: float = 10.0, negative_prompt: str = "",
+                 progress: ProgressCallback | None = None, progress_every: int | None = None,
+                 preview_every: int | None = None) -> PipelineOutput:
+        """Generate `num_images` images per prompt, ranked by CLIP score.
+
+        seed: -1 picks one at random. Image j of the call (prompt-major order) uses the seed
+        (seed + j) mod 2**31, reported as `GeneratedImage.seed`.
+        negative_prompt replaces the empty unconditional input of super-conditioning.
+        progress(step, total, partial_images) is called every `progress_every` decoder steps;
+        partial_images (the images so far, unfinished parts grey) come every `preview_every`
+        steps, else None — each preview costs a VQGAN decode.
+        """
+        started = time.perf_counter()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        check_settings(num_images, temperature, top_k, top_p, cond_scale)
+        seed = random_seed() if seed is None or seed < 0 else int(seed)
+        groups = [[ImageSpec(p, negative_prompt, image_seed(seed, j * num_images + i), temperature,
+                             top_k, top_p, cond_scale) for i in range(num_images)]
+                  for j, p in enumerate(prompts)]
+        rows = [r for g in groups for r in g]
+        every = progress_every or self.progress_every
+        loops = -(-len(rows) // self.max_batch_images)
+        total = loops * self.image_length
+        codes, timings = [], {"encode_s": 0.0, "generate_s": 0.0}
+        for loop in range(loops):
+            part = rows[loop * self.max_batch_images:(loop + 1) * self.max_batch_images]
+            report = None
+            if progress is not None:
+                def report(step: int, _: int, partial: np.ndarray, offset: int = loop * self.image_length) -> None:
+                    preview = bool(preview_every) and step % preview_every == 0 and step < self.image_length
+                    progress(offset + step, total, self.preview_images(partial[:9]) if preview else None)
+            if preview_every:
+                every = int(np.gcd(every, preview_every))
+            part_codes, t = self.generate_codes(part, report, every)
+            codes.append(part_codes)
+            timings = {k: timings[k] + t[k] for k in timings}
+        return self.finish(prompts, groups, np.concatenate(codes), timings, started)
+
+    # ---- stages (also used by the scheduler) ----------------------------------------------
+
+    def generate_codes(self, rows: Sequence[ImageSpec],
+                       progress: Callable[[int, int, np.ndarray], Any] | None = None,
+                       progress_every: int | None = None, steps: int | None = None,
+                       ) -> tuple[np.ndarray, dict[str, float]]:
+        """Sample codes (len(rows), image_length) for any mix of prompts and settings in ONE loop.
+
+        The batch is padded to a bucket size (rows beyond len(rows) are discarded).
+        `progress(step, total, codes[:, :step])` as in Sampler.generate; returning False stops
+        (GenerationStopped). Returns the codes and {encode_s, generate_s}.
+        `steps=0` only compiles and runs the setup (warm-up).
+        """
+        if not rows:
+            raise ValueError("no images to generate")
+        t0 = time.perf_counter()
+        batch = bucket_size(len(rows), self.batch_buckets, self.sampler.num_devices)
+        padded = list(rows) + [rows[0]] * (batch - len(rows))
+        texts: dict[tuple, int] = {}
+        ids, masks = [], []
+
+        def text_index(prompt: str, negative: bool) -> int:
+            key = (negative, prompt)
+            if key not in texts:
+                tokens = (self.text([prompt]) if not negative
+                          else self.text([prompt], prompt if prompt else None))
+                i, m = ((tokens.input_ids[0], tokens.attention_mask[0]) if not negative
+                        else (tokens.input_ids_uncond[0], tokens.attention_mask_uncond[0]))
+                texts[key] = len(ids)
+                ids.append(i)
+                masks.append(m)
+            return texts[key]
+
+        cond = np.array([text_index(r.prompt, False) for r in padded], np.int32)
+        uncond = np.array([text_index(r.negative_prompt, True) for r in padded], np.int32)
+        n_texts = bucket_size(len(ids), TEXT_BUCKETS)
+        ids_arr = np.stack(ids + [ids[0]] * (n_texts - len(ids)))
+        masks_arr = np.stack(masks + [masks[0]] * (n_texts - len(masks)))
+        cross = self.sampler.encode_texts(self.params, ids_arr, masks_arr)
+        jax.block_until_ready(cross)
+        t1 = time.perf_counter()
+        field_array = lambda name, dtype: np.array([getattr(r, name) for r in padded], dtype)
+        codes = self.sampler.generate(
+            self.params, cross, masks_arr, cond, uncond, np.array([r.seed for r in padded], np.int64),
+            field_array("temperature", np.float32), field_array("top_k", np.int32),
+            field_array("top_p", np.float32), field_array("cond_scale", np.float32),
+            progress=None if progress is None else (lambda s, t, c: progress(s, t, c[:len(rows)])),
+            progress_every=progress_every or self.progress_every, steps=steps)
+        t2 = time.perf_counter()
+        return codes[:len(rows)], {"encode_s": t1 - t0, "generate_s": t2 - t1}
+
+    def decode_images(self, codes: np.ndarray) -> list[Image.Image]:
+        """VQGAN codes (N, image_length) → N RGB images, decoded in bucketed batches."""
+        codes = np.asarray(codes, np.int32)
+        out: list[Image.Image] = []
+        chunk = max(DECODE_BUCKETS)
+        for start in range(0, len(codes), chunk):
+            part = codes[start:start + chunk]
+            size = bucket_size(len(part), DECODE_BUCKETS)
+            padded = np.concatenate([part, np.zeros((size - len(part), part.shape[1]), np.int32)])
+            pixels = np.asarray(to_uint8(self.vqgan.decode(padded)))[:len(part)]
+            out.extend(Image.fromarray(p) for p in pixels)
+        return out
+
+    def preview_images(self, partial_codes: np.ndarray) -> list[Image.Image]:
+        """Images of unfinished code sequences (N, t): the part not yet sampled is grey."""
+        partial_codes = np.asarray(partial_codes, np.int32)
+        n, t = partial_codes.shape
+        codes = np.zeros((n, self.image_length), np.int32)
+        codes[:, :t] = partial_codes
+        grid = self.vqgan.config.latent_size
+        images = self.decode_images(codes)
+        if t >= self.image_length:
+            return images
+        out = []
+        for image in images:
+            pixels = np.array(image)
+            cell = pixels.shape[0] // grid
+            row, col = divmod(t, grid)
+            pixels[row * cell:(row + 1) * cell, col * cell:] = PREVIEW_GREY
+            pixels[(row + 1) * cell:] = PREVIEW_GREY
+            out.append(Image.fromarray(pixels))
+        return out
+
+    def score(self, prompt: str, images: list[Image.Image]) -> np.ndarray:
+        """CLIP logits_per_image of each image against its prompt (nan without CLIP)."""
+        if self.clip is None:
+            return np.full(len(images), np.nan, np.float32)
+        return np.asarray(self.clip.score(images, [prompt]))[:, 0]
+
+    def finish(self, prompts: list[str], groups: list[list[ImageSpec]], codes: np.ndarray,
+               timings: dict[str, float], started: float | None = None) -> PipelineOutput:
+        """Decode, score and rank; `groups[i]` are the rows of prompts[i], in `codes` order."""
+        t0 = time.perf_counter()
+        images = self.decode_images(codes)
+        t1 = time.perf_counter()
+        ranked: list[list[GeneratedImage]] = []
+        offset = 0
+        for prompt, group in zip(prompts, groups):
+            own = images[offset:offset + len(group)]
+            scores = self.score(prompt, own)
+            items = [GeneratedImage(img, float(s), r.seed, codes[offset + i])
+                     for i, (img, s, r) in enumerate(zip(own, scores, group))]
+            if self.clip is not None:
+                items.sort(key=lambda g: -g.score)
+            ranked.append(items)
+            offset += len(group)
+        t2 = time.perf_counter()
+        tokens = self.text(prompts)
+        timings = {**timings, "decode_s": t1 - t0, "clip_s": t2 - t1}
+        timings["total_s"] = (t2 - started) if started is not None else sum(timings.values())
+        return PipelineOutput(ranked, prompts, timings, tokens.normalized, tokens.truncated)
+
+
+def check_compatible(dalle: DalleBartModel, vqgan: VQGAN) -> None:
+    """The DalleBart must emit as many codes as the VQGAN grid holds, from its codebook."""
+    grid = vqgan.config.latent_size ** 2
+    problems = []
+    if dalle.config.image_length != grid:
+        problems.append(f"the DalleBart emits image_length={dalle.config.image_length} codes per "
+                        f"image but the VQGAN decodes a {vqgan.config.latent_size}×"
+                        f"{vqgan.config.latent_size} grid ({grid} codes)")
+    if dalle.config.image_vocab_size < vqgan.config.n_embed:
+        problems.append(f"the DalleBart's image_vocab_size={dalle.config.image_vocab_size} is "
+                        f"smaller than the VQGAN codebook (n_embed={vqgan.config.n_embed})")
+    if problems:
+        raise ModelMismatchError(
+            "These models do not belong together: " + "; ".join(problems)
+            + ". Use the VQGAN the DalleBart was trained with (DALL·E Mini/Mega: "
+            "dalle-mini/vqgan_imagenet_f16_16384).")
+
+
+__all__ = [
+    "DallePipeline", "GeneratedImage", "GenerationStopped", "ImageSpec", "ModelMismatchError",
+    "PipelineOutput", "check_compatible", "check_settings", "clear_pipeline_cache",
+    "is_out_of_memory", "random_seed",
+]
