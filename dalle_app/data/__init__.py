@@ -4,7 +4,7 @@
 prompts built only from combinations training never shows (see ``world`` for the split).
 """
 
-from dalle_app.data.dataset import Batch, Prompt, Sample, Split, Target, batch, heldout_prompts, sample
+from dalle_app.data.dataset import Batch, Prompt, Sample, Split, Target, batch, heldout_prompts, render_prompt, sample
 from dalle_app.data.world import (
     COLORS,
     HELDOUT_PAIRS,
@@ -40,5 +40,6 @@ __all__ = [
     "is_heldout_pair",
     "is_heldout_scene",
     "is_heldout_triple",
+    "render_prompt",
     "sample",
 ]

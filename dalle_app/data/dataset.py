@@ -132,7 +132,22 @@ def _scene(
 def sample(rng: np.random.Generator, split: Split = "train") -> Sample:
     """One captioned scene of the split, drawn from ``rng``."""
     pairs, relation = _scene(rng, split)
-    sizes = [_pick(rng, list(SIZES)) for _ in pairs]
+    return _compose(pairs, [_pick(rng, list(SIZES)) for _ in pairs], relation, rng)
+
+
+def render_prompt(prompt: Prompt, rng: np.random.Generator) -> Sample:
+    """A ground-truth image of what ``prompt`` asks (sizes drawn where the prompt leaves them free).
+
+    The caption is a fresh wording of the scene, not ``prompt.text``.
+    """
+    pairs = [(t.color, t.shape) for t in prompt.targets]
+    sizes = [t.size or _pick(rng, list(SIZES)) for t in prompt.targets]
+    return _compose(pairs, sizes, prompt.relation, rng)
+
+
+def _compose(
+    pairs: list[tuple[str, str]], sizes: list[str], relation: str | None, rng: np.random.Generator
+) -> Sample:
     sides = [_side(size, rng) for size in sizes]
     if relation is None:
         centers = [_single_layout(sides[0], rng)]
@@ -196,4 +211,4 @@ def heldout_prompts(n: int, seed: int = 0) -> list[Prompt]:
     return out
 
 
-__all__ = ["Batch", "Prompt", "Sample", "Split", "Target", "batch", "heldout_prompts", "sample"]
+__all__ = ["Batch", "Prompt", "Sample", "Split", "Target", "batch", "heldout_prompts", "render_prompt", "sample"]
