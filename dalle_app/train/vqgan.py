@@ -1,0 +1,224 @@
+"""VQGAN training: reconstruction (L1 + L2 + an image-gradient L1 for sharp edges), codebook and
+commitment losses, with a codebook that is actually used.
+
+No perceptual or adversarial loss: the scenes are flat shapes on light backgrounds, where pixel
+losses already give clean reconstructions. The codebook is (1) initialised from encoder outputs
+of real images after a few steps (random init would leave most codes far from the data), then
+(2) every `restart_every` steps, codes no image picked since the last restart are moved onto
+random encoder outputs ("dead-code restarts"). Usage and perplexity are logged and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dalle_app.data import batch as data_batch
+from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan, init_params, save_vqgan
+from dalle_app.train.common import (
+    OptimConfig,
+    PhaseLog,
+    load_state,
+    make_optimizer,
+    phase_seed,
+    run_loop,
+    steps_for_budget,
+    write_json,
+)
+
+PHASE = "vqgan"
+
+
+def default_model_config() -> VQGANConfig:
+    """f8 (64x64 → 8x8 = 64 codes), sized for CPU training: ~1.5M parameters."""
+    return VQGANConfig(
+        ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=0, attn_resolutions=(), resolution=64,
+        z_channels=64, n_embed=256, embed_dim=32,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    steps: int | None = 1000  # None: as many as fit in `seconds`
+    seconds: float | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    l2_weight: float = 1.0
+    gradient_weight: float = 0.5
+    commitment_weight: float = 0.25
+    init_codebook_at: int = 20
+    restart_every: int = 50
+    restart_until: float = 0.8  # fraction of the run after which codes are left alone
+    save_every: int = 100
+    log_every: int = 20
+    eval_images: int = 256
+
+
+def images_for_step(seed: int, step: int, n: int) -> np.ndarray:
+    """Training images of one step as float32 in [0, 1] (DALL·E Mini's VQGAN input range)."""
+    return data_batch(phase_seed(seed, PHASE, step), n, "train").images.astype(np.float32) / 255.0
+
+
+def reconstruction_losses(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+    """L1, L2 and L1 of horizontal/vertical differences (edges) between input x and output y."""
+    def grads(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return a[:, 1:] - a[:, :-1], a[:, :, 1:] - a[:, :, :-1]
+
+    (xv, xh), (yv, yh) = grads(x), grads(y)
+    return {
+        "l1": jnp.mean(jnp.abs(y - x)),
+        "l2": jnp.mean((y - x) ** 2),
+        "grad_l1": 0.5 * (jnp.mean(jnp.abs(yv - xv)) + jnp.mean(jnp.abs(yh - xh))),
+    }
+
+
+def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGANTrainConfig):
+    """A jitted (params, opt_state, images) → (params, opt_state, metrics, code indices)."""
+
+    def loss_fn(params: Any, x: jax.Array):
+        out = module.apply({"params": params}, x, train=True)
+        rec = reconstruction_losses(x, out.reconstruction)
+        loss = (
+            rec["l1"] + cfg.l2_weight * rec["l2"] + cfg.gradient_weight * rec["grad_l1"]
+            + out.codebook_loss + cfg.commitment_weight * out.commitment_loss
+        )
+        metrics = {"loss": loss, **rec, "codebook": out.codebook_loss, "commitment": out.commitment_loss}
+        return loss, (metrics, out.indices)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, x: jax.Array):
+        (_, (metrics, indices)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics, indices
+
+    return step
+
+
+def make_encoder(module: VQModel):
+    """Jitted params, images → pre-quantization vectors (B*h*w, embed_dim) and codes (B, h*w)."""
+
+    @jax.jit
+    def encode(params: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        z, _, indices = module.apply({"params": params}, x, method=VQModel.encode)
+        return z.reshape(-1, z.shape[-1]), indices.reshape(indices.shape[0], -1)
+
+    return encode
+
+
+def replace_codes(params: Any, rows: np.ndarray, vectors: np.ndarray) -> Any:
+    """Copy of params with codebook rows `rows` set to `vectors`."""
+    table = np.array(params["quantize"]["embedding"]["embedding"])
+    table[rows] = vectors
+    quantize = {**params["quantize"], "embedding": {"embedding": jnp.asarray(table)}}
+    return {**params, "quantize": quantize}
+
+
+def codebook_usage(indices: np.ndarray, n_embed: int) -> dict[str, float]:
+    """Share of codes used and the perplexity (exp of the code-usage entropy) over `indices`."""
+    counts = np.bincount(indices.reshape(-1), minlength=n_embed).astype(np.float64)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+
+
+def evaluate(module: VQModel, params: Any, seed: int, n: int) -> dict[str, float]:
+    """Reconstruction error and codebook usage on `n` held-out-split images (never trained on)."""
+    images = data_batch(phase_seed(seed, "vqgan-eval"), n, "heldout").images.astype(np.float32) / 255.0
+    apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+    rec, idx = [], []
+    for i in range(0, n, 64):
+        out = apply(params, jnp.asarray(images[i:i + 64]))
+        rec.append(np.asarray(out.reconstruction))
+        idx.append(np.asarray(out.indices))
+    y, x = np.concatenate(rec), images
+    return {"eval_mse": float(np.mean((np.clip(y, 0, 1) - x) ** 2)),
+            "eval_l1": float(np.mean(np.abs(np.clip(y, 0, 1) - x))),
+            **{f"eval_{k}": v for k, v in codebook_usage(np.concatenate(idx), module.config.n_embed).items()}}
+
+
+def train_vqgan(
+    out: Path, model_cfg: VQGANConfig, cfg: VQGANTrainConfig, seed: int = 0, deadline: float | None = None,
+) -> tuple[VQGANConfig, Any, dict[str, Any]]:
+    """Train (or resume) the VQGAN under `out/vqgan/`; exports `out/vqgan/model/` at every save.
+
+    Returns the config, the trained params and a report (losses, codebook usage, timings).
+    """
+    folder = out / PHASE
+    log = PhaseLog(folder, PHASE)
+    t0 = time.time()
+    module = build_vqgan(model_cfg)
+    rng = np.random.default_rng(phase_seed(seed, "vqgan-codes"))
+    params = init_params(module, jax.random.PRNGKey(phase_seed(seed, "vqgan-init")))
+
+    # The step count fixes the LR schedule, so it is decided once and stored in the state.
+    total = cfg.steps
+    template_tx = make_optimizer(OptimConfig(cfg.lr, total or 1, cfg.warmup))
+    template = {"step": 0, "total_steps": 0, "params": params, "opt_state": template_tx.init(params),
+                "usage": np.zeros(model_cfg.n_embed, np.int64)}
+    state = load_state(folder / "state.msgpack", template)
+    if state is not None:
+        total = int(state["total_steps"])
+        log(int(state["step"]), resumed=True, total_steps=total)
+    elif total is None:
+        probe_tx = make_optimizer(OptimConfig(cfg.lr, 1000, cfg.warmup))
+        probe_step = make_train_step(module, probe_tx, cfg)
+        probe_state = probe_tx.init(params)
+        total = steps_for_budget(
+            lambda i: probe_step(params, probe_state, jnp.asarray(images_for_step(seed, i, cfg.batch_size)))[2],
+            cfg.seconds or 600.0,
+        )
+    tx = make_optimizer(OptimConfig(cfg.lr, total, cfg.warmup))
+    if state is None:
+        state = {"step": 0, "total_steps": total, "params": params, "opt_state": tx.init(params),
+                 "usage": np.zeros(model_cfg.n_embed, np.int64)}
+    train_step = make_train_step(module, tx, cfg)
+    encode = make_encoder(module)
+    restart_until = int(cfg.restart_until * total)
+
+    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        x = jnp.asarray(images_for_step(seed, step, cfg.batch_size))
+        p = st["params"]
+        if step == cfg.init_codebook_at or (
+            step > cfg.init_codebook_at and step % cfg.restart_every == 0 and step <= restart_until
+        ):
+            p, st["usage"], restarted = _restart_codes(
+                p, st["usage"], encode, x, rng, everything=step == cfg.init_codebook_at
+            )
+        else:
+            restarted = 0
+        p, opt_state, metrics, indices = train_step(p, st["opt_state"], x)
+        st["usage"] = st["usage"] + np.bincount(np.asarray(indices).reshape(-1), minlength=model_cfg.n_embed)
+        st["params"], st["opt_state"] = p, opt_state
+        return st, {**metrics, "restarted": restarted}
+
+    def export(st: dict[str, Any]) -> None:
+        save_vqgan(folder / "model", model_cfg, st["params"])
+
+    state = run_loop(folder, log, state, step_fn, total, cfg.save_every, cfg.log_every, deadline, export)
+    report = {"steps": int(state["step"]), "total_steps": total, "batch_size": cfg.batch_size,
+              "train_seconds": round(time.time() - t0, 1),
+              **evaluate(module, state["params"], seed, cfg.eval_images)}
+    log(int(state["step"]), **report)
+    write_json(folder / "report.json", report)
+    return model_cfg, state["params"], report
+
+
+def _restart_codes(params: Any, usage: np.ndarray, encode, x: jax.Array, rng: np.random.Generator,
+                   everything: bool) -> tuple[Any, np.ndarray, int]:
+    """Move all codes (`everything`) or the unused ones onto random encoder outputs of batch x."""
+    rows = np.arange(usage.size) if everything else np.flatnonzero(usage == 0)
+    if rows.size:
+        z = np.asarray(encode(params, x)[0])
+        picks = z[rng.integers(0, z.shape[0], rows.size)]
+        noise = rng.normal(0.0, 0.01 * (z.std() + 1e-6), picks.shape)
+        params = replace_codes(params, rows, (picks + noise).astype(np.float32))
+    return params, np.zeros_like(usage), int(rows.size)
