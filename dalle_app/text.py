@@ -26,6 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 from unidecode import unidecode
 
+from dalle_app.hub import resolve_word_file
+
 # --------------------------------------------------------------------------------------------
 # Hashtag splitting (wordninja-style segmentation with the checkpoint's word frequency list)
 # --------------------------------------------------------------------------------------------
@@ -44,9 +46,10 @@ class WordCosts:
 def load_word_costs(path: str | os.PathLike) -> WordCosts:
     """Read `enwiki-words-frequency.txt` (first token of each line, most frequent first).
 
-    The real file is 34 MB; parsing it takes seconds, so results are kept in an explicit
-    per-path cache (`_read_word_costs`): every normalizer built on the same file shares one dict.
-    The cache is keyed by the resolved path and never invalidated (the file is a fixed asset).
+    The real file is 34 MB; parsing it takes seconds and the dict holds ~300 MB, so results are
+    kept in an explicit per-path cache (`_read_word_costs`): every normalizer built on the same
+    file shares one dict. The cache is keyed by the resolved path and never invalidated (the
+    file is a fixed asset).
     """
     return _read_word_costs(str(Path(path).resolve()))
 
@@ -71,17 +74,23 @@ class HashtagSplitter:
     segmented by dynamic programming to the split of least total word cost (unknown substrings
     cost infinity; ties go to the shorter last word). A split-off "'s" is re-attached to the
     word before it and consecutive digit groups are joined.
+
+    The word list is read on the first hashtag, not at construction: most prompts have none,
+    and reading it costs seconds and hundreds of MB.
     """
 
     def __init__(self, word_file: str | os.PathLike) -> None:
-        self._words = load_word_costs(word_file)
+        self.word_file = Path(word_file).resolve()
+        if not self.word_file.is_file():
+            raise FileNotFoundError(f"word frequency file {self.word_file} does not exist")
 
     def __call__(self, hashtag: str) -> str:
         pieces = _HASHTAG_PIECE_SEPARATOR.split(hashtag)
         return " ".join(word for piece in pieces for word in self._segment(piece))
 
     def _segment(self, text: str) -> list[str]:
-        cost_of, longest = self._words.cost, self._words.max_word_length
+        words = load_word_costs(self.word_file)
+        cost_of, longest = words.cost, words.max_word_length
         # best[i] = (least cost of text[:i], length of the last word in that split)
         best: list[tuple[float, int]] = [(0.0, 0)]
         for end in range(1, len(text) + 1):
@@ -91,22 +100,22 @@ class HashtagSplitter:
                     for n in range(1, min(end, longest) + 1)
                 )
             )
-        words: list[str] = []  # built right to left
+        split: list[str] = []  # built right to left
         end = len(text)
         while end > 0:
             length = best[end][1]
             word = text[end - length : end]
             joins_next = (
                 word != "'"
-                and bool(words)
-                and (words[-1] == "'s" or (word[-1].isdigit() and words[-1][0].isdigit()))
+                and bool(split)
+                and (split[-1] == "'s" or (word[-1].isdigit() and split[-1][0].isdigit()))
             )
             if joins_next:
-                words[-1] = word + words[-1]
+                split[-1] = word + split[-1]
             else:
-                words.append(word)
+                split.append(word)
             end -= length
-        return words[::-1]
+        return split[::-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,8 +305,6 @@ class TextProcessor:
         normalizer = None
         if config.get("normalize_text", False):
             if word_file is None:
-                from dalle_app.hub import resolve_word_file
-
                 word_file = resolve_word_file(folder)
             normalizer = TextNormalizer(word_file)
         return cls(load_tokenizer(folder, max_text_length), max_text_length, normalizer)

@@ -75,6 +75,11 @@ def test_hashtags_are_split_into_words(word_file: Path) -> None:
     assert split("") == ""
 
 
+def test_missing_word_file_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        TextNormalizer(tmp_path / "nowhere.txt")
+
+
 def test_word_costs_follow_rank(word_file: Path) -> None:
     costs = load_word_costs(word_file)
     assert costs.cost["the"] == 0.0  # log(1)
@@ -93,6 +98,8 @@ def test_word_file_is_read_once_per_path(word_file: Path, monkeypatch) -> None:
     monkeypatch.setattr(pathlib.Path, "read_text", counting_read_text)
     first = TextNormalizer(word_file)
     second = TextNormalizer(word_file.parent / ".." / word_file.parent.name / word_file.name)
+    assert first("no hashtag here") == " no hashtag here"
+    assert reads == []  # read on the first hashtag only
     assert first("#goldensword") == second("#goldensword") == " golden sword"
     assert [p for p in reads if p.name == word_file.name] == [word_file.resolve()]
     assert text._read_word_costs.cache_info().currsize >= 1
