@@ -1,0 +1,218 @@
+"""How well the embedded model draws what it is asked: held-out prompts judged by the oracle.
+
+`python -m dalle_app.evaluate --json` generates ``--images-per-prompt`` images for each of
+``--n-prompts`` held-out prompts (dalle_app.data.heldout_prompts: one-object prompts of held-out
+(color, shape) pairs and two-object prompts of held-out relation triples) with the shipped model
+(``DallePipeline.from_pretrained()``), lets the oracle judge every image and prints, as its last
+line, one JSON object. Figures (all in [0, 1]):
+
+* ``oracle_ground_truth_accuracy``: the oracle reading exact scenes (objects, sizes, relation)
+  on fresh ground-truth held-out renders; the figures below are only as good as this one.
+* ``single_object_accuracy``: one-object prompts, share of *all* generated images that show the
+  asked color and shape (and size, when the prompt asks one). ``single_object_top1_accuracy``:
+  the same for the CLIP-best image of each prompt only.
+* ``relation_accuracy`` / ``relation_top1_accuracy``: two-object prompts, both objects present
+  and in the asked relation; all images / CLIP-best image.
+* ``relation_objects_accuracy``: two-object prompts, both objects present, relation ignored.
+* ``clip_top1_accuracy``: all prompts, the CLIP-best image is correct.
+* ``random_pick_accuracy``: all prompts, mean over every image (what a random pick gets).
+* ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
+* ``seen_accuracy``: the same judgement, all images, on ``--n-seen-prompts`` prompts built from
+  combinations training does show (how well the model learned its world at all).
+
+``--generator truth`` swaps the model for ground-truth renders with random scores: a check of the
+harness itself (accuracies near 1, CLIP-top-1 equal to random pick), needing no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dalle_app.data import Prompt, Target, batch, heldout_prompts, render_prompt
+from dalle_app.data.captions import with_article
+from dalle_app.data.world import INVERSE, RELATIONS, heldout_triples, training_pairs
+from dalle_app.oracle import detect, matches, recovers_scene, satisfies
+
+# A generator maps prompt texts to, per prompt, (image uint8 (H, W, 3), score) ranked best first.
+Generator = Callable[[list[str], int, int], list[list[tuple[np.ndarray, float]]]]
+
+GROUND_TRUTH_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class Judged:
+    """The oracle's verdicts on one prompt's images, in ranking order (best CLIP score first)."""
+
+    prompt: Prompt
+    correct: list[bool]
+    objects_present: list[bool]  # relation prompts: both objects there, relation ignored
+    scores: list[float]
+
+
+def pipeline_generator(**settings: float) -> Generator:
+    """The shipped embedded model: DallePipeline.from_pretrained() with the given sampling settings."""
+    from dalle_app.pipeline import DallePipeline  # imports JAX: only when a model is asked for
+
+    pipe = DallePipeline.from_pretrained()
+
+    def generate(texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
+        output = pipe(texts, num_images=num_images, seed=seed, **settings)
+        return [[(np.asarray(g.image.convert("RGB")), g.score) for g in ranked] for ranked in output.images]
+
+    return generate
+
+
+def truth_generator(prompts: Sequence[Prompt]) -> Generator:
+    """Ground-truth renders of the prompts with random scores: a model-free check of the harness."""
+    by_text = {p.text: p for p in prompts}
+
+    def generate(texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
+        rng = np.random.default_rng(seed)
+        return [
+            [(render_prompt(by_text[t], rng).image, float(rng.random())) for _ in range(num_images)]
+            for t in texts
+        ]
+
+    return generate
+
+
+def seen_prompts(n: int, seed: int = 0) -> list[Prompt]:
+    """``n`` prompts of combinations training shows, alternating one object and a relation."""
+    rng = np.random.default_rng(seed)
+    pairs, blocked = training_pairs(), set(heldout_triples())
+    out: list[Prompt] = []
+    while len(out) < n:
+        if len(out) % 2 == 0:
+            color, shape = pairs[rng.integers(len(pairs))]
+            out.append(Prompt(with_article(f"{color} {shape}"), [Target(color, shape)], None, "single"))
+            continue
+        i, j = rng.choice(len(pairs), 2, replace=False)
+        (ca, sa), (cb, sb), relation = pairs[i], pairs[j], RELATIONS[rng.integers(len(RELATIONS))]
+        canonical = (ca, sa, relation, cb, sb) if relation in ("above", "left of") else (cb, sb, INVERSE[relation], ca, sa)
+        if canonical in blocked:
+            continue
+        text = f"{with_article(f'{ca} {sa}')} {relation} {with_article(f'{cb} {sb}')}"
+        out.append(Prompt(text, [Target(ca, sa), Target(cb, sb)], relation, "relation"))
+    return out
+
+
+def judge(prompts: Sequence[Prompt], generate: Generator, images_per_prompt: int, seed: int) -> list[Judged]:
+    generated = generate([p.text for p in prompts], images_per_prompt, seed)
+    judged = []
+    for prompt, ranked in zip(prompts, generated):
+        correct, present = [], []
+        for image, _ in ranked:
+            correct.append(satisfies(image, prompt))
+            found = detect(image)
+            present.append(all(any(matches(d, t) for d in found) for t in prompt.targets))
+        judged.append(Judged(prompt, correct, present, [s for _, s in ranked]))
+    return judged
+
+
+def oracle_ground_truth_accuracy(n: int = GROUND_TRUTH_SAMPLES, seed: int = 0) -> float:
+    """Exact scene recovery on fresh ground-truth held-out renders."""
+    samples = batch(seed=10_000 + seed, n=n, split="heldout").samples
+    return float(np.mean([recovers_scene(s.image, s.objects, s.relation) for s in samples]))
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int | None]:
+    single = [j for j in judged if j.prompt.kind == "single"]
+    relation = [j for j in judged if j.prompt.kind == "relation"]
+    every = lambda js: [c for j in js for c in j.correct]  # noqa: E731
+    top1 = lambda js: [j.correct[0] for j in js]  # noqa: E731
+    return {
+        "n_prompts": len(judged),
+        "n_single_prompts": len(single),
+        "n_relation_prompts": len(relation),
+        "single_object_accuracy": _mean(every(single)),
+        "single_object_top1_accuracy": _mean(top1(single)),
+        "relation_accuracy": _mean(every(relation)),
+        "relation_top1_accuracy": _mean(top1(relation)),
+        "relation_objects_accuracy": _mean([c for j in relation for c in j.objects_present]),
+        "clip_top1_accuracy": _mean(top1(judged)),
+        "random_pick_accuracy": _mean(every(judged)),
+        "best_of_k_accuracy": _mean([any(j.correct) for j in judged]),
+        "n_seen_prompts": len(seen),
+        "seen_accuracy": _mean(every(seen)),
+        "seen_top1_accuracy": _mean(top1(seen)),
+    }
+
+
+def evaluate(
+    n_prompts: int = 16,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    n_seen_prompts: int = 8,
+    generator: Generator | None = None,
+    ground_truth_samples: int = GROUND_TRUTH_SAMPLES,
+) -> dict[str, float | int | None]:
+    """All figures of the module docstring; ``generator`` None means the shipped model."""
+    started = time.perf_counter()
+    prompts = heldout_prompts(n_prompts, seed=seed)
+    seen = seen_prompts(n_seen_prompts, seed=seed)
+    generate = generator if generator is not None else pipeline_generator()
+    loaded = time.perf_counter()
+    judged = judge(prompts, generate, images_per_prompt, seed) if prompts else []
+    seen_judged = judge(seen, generate, images_per_prompt, seed + 1) if seen else []
+    figures = {
+        "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, seed),
+        **summarize(judged, seen_judged),
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+        "load_s": round(loaded - started, 2),
+        "total_s": round(time.perf_counter() - started, 2),
+    }
+    return figures
+
+
+def _table(figures: dict) -> str:
+    return "\n".join(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}" for k, v in figures.items())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_app.evaluate",
+        description="Judge the embedded model on held-out prompts with the oracle.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
+    parser.add_argument("--n-prompts", type=int, default=16, help="held-out prompts (half one-object, half relations)")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="images generated per prompt")
+    parser.add_argument("--n-seen-prompts", type=int, default=8, help="prompts of training combinations")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the prompts' order and the sampling")
+    parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
+    parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the pipeline's)")
+    parser.add_argument("--generator", choices=["model", "truth"], default="model",
+                        help="'truth' renders ground truth instead of sampling: checks the harness")
+    args = parser.parse_args(argv)
+    if args.n_prompts < 0 or args.n_seen_prompts < 0 or args.images_per_prompt < 1:
+        parser.error("--n-prompts and --n-seen-prompts must be >= 0, --images-per-prompt >= 1")
+
+    if args.generator == "truth":
+        generator = truth_generator(heldout_prompts(args.n_prompts, args.seed) + seen_prompts(args.n_seen_prompts, args.seed))
+    else:
+        settings = {k: v for k, v in (("top_k", args.top_k), ("cond_scale", args.cond_scale),
+                                      ("temperature", args.temperature)) if v is not None}
+        generator = pipeline_generator(**settings)
+    figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator)
+    figures["generator"] = args.generator
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(_table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
