@@ -17,6 +17,8 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``clip_top1_accuracy``: all prompts, the CLIP-best image is correct.
 * ``random_pick_accuracy``: all prompts, mean over every image (what a random pick gets).
 * ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
+* ``oracle_vqgan_roundtrip_accuracy``: the same on those renders after the model's VQGAN encoded
+  and decoded them: the ceiling of every figure below, given the VQGAN (model runs only).
 * ``seen_accuracy``: the same judgement, all images, on ``--n-seen-prompts`` prompts built from
   combinations training does show (how well the model learned its world at all).
 
@@ -56,17 +58,35 @@ class Judged:
     scores: list[float]
 
 
-def pipeline_generator(**settings: float) -> Generator:
+class PipelineGenerator:
     """The shipped embedded model: DallePipeline.from_pretrained() with the given sampling settings."""
-    from dalle_app.pipeline import DallePipeline  # imports JAX: only when a model is asked for
 
-    pipe = DallePipeline.from_pretrained()
+    def __init__(self, **settings: float) -> None:
+        from dalle_app.pipeline import DallePipeline  # imports JAX: only when a model is asked for
 
-    def generate(texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
-        output = pipe(texts, num_images=num_images, seed=seed, **settings)
+        self.pipe = DallePipeline.from_pretrained()
+        self.settings = settings
+
+    def __call__(self, texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
+        output = self.pipe(texts, num_images=num_images, seed=seed, **self.settings)
         return [[(np.asarray(g.image.convert("RGB")), g.score) for g in ranked] for ranked in output.images]
 
-    return generate
+    def roundtrip(self, images: np.ndarray) -> np.ndarray:
+        """Images encoded to codes and decoded by the model's VQGAN: the best the model can draw."""
+        return vqgan_roundtrip(self.pipe.vqgan, images)
+
+
+def vqgan_roundtrip(vqgan: object, images: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """uint8 (N, H, W, 3) → the same images after VQGAN encode + decode, uint8."""
+    from dalle_app.models.vqgan import to_uint8
+
+    out = []
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].astype(np.float32) / 255.0
+        padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), np.float32)])
+        codes, _ = vqgan.encode(padded)
+        out.append(np.asarray(to_uint8(vqgan.decode(codes)))[: len(part)])
+    return np.concatenate(out)
 
 
 def truth_generator(prompts: Sequence[Prompt]) -> Generator:
@@ -116,10 +136,13 @@ def judge(prompts: Sequence[Prompt], generate: Generator, images_per_prompt: int
     return judged
 
 
-def oracle_ground_truth_accuracy(n: int = GROUND_TRUTH_SAMPLES, seed: int = 0) -> float:
-    """Exact scene recovery on fresh ground-truth held-out renders."""
-    samples = batch(seed=10_000 + seed, n=n, split="heldout").samples
-    return float(np.mean([recovers_scene(s.image, s.objects, s.relation) for s in samples]))
+def oracle_ground_truth_accuracy(
+    n: int = GROUND_TRUTH_SAMPLES, seed: int = 0, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> float:
+    """Exact scene recovery on fresh ground-truth held-out renders (optionally transformed first)."""
+    truth = batch(seed=10_000 + seed, n=n, split="heldout")
+    images = truth.images if transform is None else transform(truth.images)
+    return float(np.mean([recovers_scene(im, s.objects, s.relation) for im, s in zip(images, truth.samples)]))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -161,12 +184,16 @@ def evaluate(
     started = time.perf_counter()
     prompts = heldout_prompts(n_prompts, seed=seed)
     seen = seen_prompts(n_seen_prompts, seed=seed)
-    generate = generator if generator is not None else pipeline_generator()
+    generate = generator if generator is not None else PipelineGenerator()
     loaded = time.perf_counter()
     judged = judge(prompts, generate, images_per_prompt, seed) if prompts else []
     seen_judged = judge(seen, generate, images_per_prompt, seed + 1) if seen else []
     figures = {
         "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, seed),
+        "oracle_vqgan_roundtrip_accuracy": (
+            oracle_ground_truth_accuracy(ground_truth_samples, seed, generate.roundtrip)
+            if isinstance(generate, PipelineGenerator) else None
+        ),
         **summarize(judged, seen_judged),
         "images_per_prompt": images_per_prompt,
         "seed": seed,
@@ -204,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         settings = {k: v for k, v in (("top_k", args.top_k), ("cond_scale", args.cond_scale),
                                       ("temperature", args.temperature)) if v is not None}
-        generator = pipeline_generator(**settings)
+        generator = PipelineGenerator(**settings)
     figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator)
     figures["generator"] = args.generator
     if args.json:

@@ -23,7 +23,7 @@ from dalle_app.data import (
 )
 from dalle_app.data.captions import RELATION_WORDS
 
-N_MANY = 3000
+N_MANY = 2000
 
 
 @pytest.fixture(scope="module")
