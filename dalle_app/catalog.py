@@ -68,6 +68,27 @@ def parse_model_list(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
+def entry_for(spec: str) -> ModelEntry:
+    """A model given as `dalle[+vqgan[+clip]]` (each a folder, repo or hub.py name).
+
+    Left out, the VQGAN and CLIP are the embedded ones (right for a model trained like the
+    embedded default); a DalleBart made for DALL·E Mini's codes names them: `folder+vqgan+clip`.
+    """
+    refs = [part.strip() or None for part in spec.split("+")]
+    if len(refs) > 3 or refs[0] is None:
+        raise ValueError(f"{spec!r}: expected dalle[+vqgan[+clip]]")
+    refs += [None] * (3 - len(refs))
+    return ModelEntry(spec, spec, dict(zip(("dalle", "vqgan", "clip"), refs)))
+
+
+def load_scheduler(entry: ModelEntry) -> Any:
+    """Load the entry's pipeline (reusing pipeline.py's cache) behind its own request scheduler."""
+    from dalle_app.pipeline import DallePipeline
+    from dalle_app.scheduler import Scheduler
+
+    return Scheduler(DallePipeline.from_pretrained(**entry.parts))
+
+
 def check_entry(entry: ModelEntry, describe: Callable[..., tuple[bool, str]]) -> ModelEntry:
     """`entry` with its availability filled in: usable only if every part is."""
     notes = []
@@ -106,9 +127,9 @@ class Catalog:
         if describe is None:
             from dalle_app.hub import describe_availability as describe
         entries = list(BUILTIN_MODELS)
-        for ref in parse_model_list(env.get(MODELS_ENV)):
-            if ref not in {e.name for e in entries}:
-                entries.append(ModelEntry(ref, ref, {"dalle": ref}))
+        for spec in parse_model_list(env.get(MODELS_ENV)):
+            if spec not in {e.name for e in entries}:
+                entries.append(entry_for(spec))
         default = env.get(DEFAULT_MODEL_ENV, "").strip() or EMBEDDED
         return cls([check_entry(e, describe) for e in entries], default)
 

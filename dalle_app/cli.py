@@ -1,0 +1,145 @@
+"""Command line: `python -m dalle_app "a red square above a blue circle" --images 9 --out grid.png`.
+
+Same options and the same validation as the app; writes the CLIP-ranked grid as one PNG whose
+text chunks hold the prompt and parameters, and prints each image's seed and score. Unlike the
+app, `--model` may also be a local folder or a hub repo: the person at the keyboard owns them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from dalle_app import images as pngs
+from dalle_app.catalog import BUILTIN_MODELS, Catalog, ModelLoadError, ModelPool, check_entry, entry_for, load_scheduler
+from dalle_app.validation import NUMBERS, SEED_DEFAULT, ValidationError, validate_request
+
+
+def build_parser() -> argparse.ArgumentParser:
+    n, t, k, p, c = (NUMBERS[x] for x in ("num_images", "temperature", "top_k", "top_p", "cond_scale"))
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle_app",
+        description="Generate images for a prompt and save them as one PNG grid (ranked by CLIP).",
+    )
+    parser.add_argument("prompt", help="what to draw, e.g. 'a red square above a blue circle'")
+    parser.add_argument("--out", "-o", type=Path, default=Path("grid.png"), help="grid PNG to write (default: grid.png)")
+    parser.add_argument("--images", "-n", type=float, default=n.default,
+                        help=f"number of images, {int(n.minimum)}-{int(n.maximum)} (default {int(n.default)})")
+    parser.add_argument("--negative-prompt", default="", help="what the images should not show")
+    parser.add_argument("--model", default=None,
+                        help=f"{', '.join(e.name for e in BUILTIN_MODELS)}, a configured model, a local folder "
+                        "or a hub repo owner/name[@revision], optionally +vqgan+clip (default: the embedded model or $DALLE_APP_DEFAULT_MODEL)")
+    parser.add_argument("--seed", type=float, default=SEED_DEFAULT, help="-1 for random (default)")
+    parser.add_argument("--temperature", type=float, default=t.default, help=f"default {t.default}")
+    parser.add_argument("--top-k", type=float, default=k.default, help=f"default {int(k.default)}")
+    parser.add_argument("--top-p", type=float, default=p.default, help=f"default {p.default}")
+    parser.add_argument("--cond-scale", type=float, default=c.default, help=f"default {c.default}")
+    parser.add_argument("--save-images", type=Path, default=None, metavar="DIR",
+                        help="also write each image as its own PNG into DIR")
+    return parser
+
+
+class _StderrBar:
+    """A plain progress bar for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str, stream: TextIO = sys.stderr) -> None:
+        self.total, self.desc, self.stream, self.n = total, desc, stream, 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        filled = int(30 * self.n / max(self.total, 1))
+        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def progress_bar(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _StderrBar(total, desc)
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+
+
+def _catalog_with(model: str | None, catalog: Catalog) -> Catalog:
+    """The configured models, plus `model` when it is a folder or repo given on the command line."""
+    if model is None or model in catalog.entries:
+        return catalog
+    from dalle_app.hub import describe_availability
+
+    extra = check_entry(entry_for(model), describe_availability)
+    return Catalog([*catalog.entries.values(), extra], catalog.default)
+
+
+def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if pool is None:
+        pool = ModelPool(_catalog_with(args.model, Catalog.from_env()), load_scheduler)
+    catalog = pool.catalog
+    try:
+        request = validate_request(
+            args.prompt, args.negative_prompt, args.model, args.images, args.seed,
+            args.temperature, args.top_k, args.top_p, args.cond_scale,
+            models=catalog.usability(), default_model=catalog.default,
+        )
+    except ValidationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for notice in request.notices:
+        print(f"note: {notice}", file=sys.stderr)
+
+    from dalle_app.scheduler import GenerationRequest
+
+    started = time.monotonic()
+    try:
+        scheduler = pool.get(request.model)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"model {request.model} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    job = scheduler.submit(GenerationRequest(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, num_images=request.num_images,
+        seed=request.seed, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+        cond_scale=request.cond_scale,
+    ))
+    bar, done_steps, final = None, 0, None
+    try:
+        for event in job.events():
+            if event.kind == "progress":
+                bar = bar or progress_bar(event.total, "generating")
+                bar.update(event.step - done_steps)
+                done_steps = event.step
+            elif event.kind != "queued":
+                final = event
+    except KeyboardInterrupt:
+        job.cancel()
+        print("\ncancelled", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+        scheduler.close()
+    if final is None or final.kind != "done" or final.result is None:
+        print(f"error: {final.error if final else 'generation ended without a result'}", file=sys.stderr)
+        return 1
+
+    ranked = sorted(final.result.images[0], key=lambda g: g.score, reverse=True)
+    params = request.parameters() | {"seed": job.seed}
+    meta = params | {"seeds": [g.seed for g in ranked], "scores": [round(float(g.score), 4) for g in ranked]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pngs.save_png(pngs.make_grid([g.image for g in ranked]), args.out, meta)
+    if args.save_images is not None:
+        args.save_images.mkdir(parents=True, exist_ok=True)
+        for rank, g in enumerate(ranked, start=1):
+            pngs.save_png(g.image, args.save_images / f"{rank:02d}-seed{g.seed}.png",
+                          params | {"seed": g.seed, "rank": rank, "score": float(g.score)})
+    for rank, g in enumerate(ranked, start=1):
+        print(f"#{rank}\tseed {g.seed}\tscore {float(g.score):.4f}")
+    print(f"wrote {args.out} ({len(ranked)} images, {time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,347 @@
+"""The Gradio 6 app: a prompt, a ranked gallery streamed while the codes come in, and `/generate`.
+
+Event functions live on `Handlers` so tests can call them without a server. The generate event
+is an async generator: Gradio cancels it (Stop button, client `job.cancel()`) by cancelling its
+asyncio task, which lands in our `finally` and cancels the scheduler job, so a cancelled request
+stops at once and the other requests decoded in the same batch go on undisturbed.
+
+The endpoint runs with Gradio's preprocessing off: raw JSON values reach `validation.py`,
+which checks every parameter in one place, for the UI, the API and the CLI alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import gradio as gr
+from PIL import Image
+
+from dalle_app import images as pngs
+from dalle_app.catalog import Catalog, ModelLoadError, ModelPool
+from dalle_app.scheduler import GenerationRequest, Job, JobEvent, QueueFullError
+from dalle_app.validation import NUMBERS, SEED_DEFAULT, ValidationError, ValidRequest, validate_request
+
+log = logging.getLogger(__name__)
+
+BUSY_MESSAGE = "The server is busy: too many requests are waiting. Please try again in a minute."
+MAX_QUEUE = 64
+"""Requests waiting in Gradio's queue (and, separately, in each model's scheduler) before
+new ones are answered with BUSY_MESSAGE / Gradio's "Queue is full"."""
+CONCURRENCY = 64
+"""Generate events running at once. They only wait on the scheduler (no thread each), so this is
+high: every waiting request must reach the scheduler to share its next decoding loop."""
+GRID_MAX_AGE_S = 900
+
+EXAMPLES = [
+    "a red square above a blue circle",
+    "a green star to the left of a yellow triangle",
+    "a big orange star on a plain background",
+    "a pink cross and a cyan circle",
+    "a purple diamond",
+]
+
+CSS = "#gallery {min-height: 320px} .notice {font-size: 0.9em}"
+
+
+def _error(message: str) -> gr.Error:
+    """gr.Error renders HTML: escape whatever part of the user's input a message echoes."""
+    return gr.Error(html.escape(message, quote=False))
+
+
+async def job_events(job: Job) -> AsyncIterator[JobEvent]:
+    """The job's events, awaited without holding one of the event loop's executor threads.
+
+    A small daemon thread per job drains the blocking `Job.events()` into an asyncio queue; it
+    ends with the job's terminal event (a cancel posts one, so it never outlives its job).
+    """
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+    def pump() -> None:
+        for event in job.events():
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+                job.cancel()
+                return
+
+    threading.Thread(target=pump, name="dalle-job-events", daemon=True).start()
+    while True:
+        event = await inbox.get()
+        yield event
+        if event.kind in ("done", "error", "cancelled"):
+            return
+
+
+def score_value(score: float) -> float | None:
+    """A JSON-safe score: None when the model has no CLIP (the pipeline reports nan)."""
+    value = float(score)
+    return None if math.isnan(value) else round(value, 4)
+
+
+def caption(rank: int, score: float | None, seed: int) -> str:
+    clip = "CLIP n/a" if score is None else f"CLIP {score:.3f}"
+    return f"#{rank} · {clip} · seed {seed}"
+
+
+class Handlers:
+    """The app's event functions, bound to a model catalog and its loaded schedulers."""
+
+    def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
+
+    def validate(self, *values: Any) -> ValidRequest:
+        try:
+            return validate_request(
+                *values, models=self.catalog.usability(), default_model=self.catalog.default
+            )
+        except ValidationError as e:
+            raise _error(str(e)) from None
+
+    async def _submit(self, request: ValidRequest) -> Job:
+        try:
+            scheduler = await asyncio.to_thread(self.pool.get, request.model)
+        except ModelLoadError as e:
+            raise _error(str(e)) from None
+        try:
+            return scheduler.submit(
+                GenerationRequest(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    num_images=request.num_images,
+                    seed=request.seed,
+                    temperature=request.temperature,
+                    top_k=request.top_k,
+                    top_p=request.top_p,
+                    cond_scale=request.cond_scale,
+                )
+            )
+        except QueueFullError:
+            raise _error(BUSY_MESSAGE) from None
+        except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+            raise _error(str(e)) from None
+
+    async def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        model: str | None = None,
+        num_images: int = 9,
+        seed: int = SEED_DEFAULT,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        cond_scale: float = 10.0,
+        progress: gr.Progress = gr.Progress(),
+    ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
+        """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary."""
+        request = self.validate(
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale
+        )
+        for notice in request.notices:
+            gr.Warning(html.escape(notice, quote=False))
+        job = await self._submit(request)
+        finished = False
+        try:
+            summary = {**request.parameters(), "status": "queued", "notices": list(request.notices)}
+            progress(0.0, desc="Waiting for the model")
+            yield [], summary
+            async for event in job_events(job):
+                if event.kind == "queued":
+                    ahead = event.queue_position or 0
+                    progress(0.0, desc=f"Queued ({ahead} request(s) ahead)" if ahead else "Starting")
+                elif event.kind == "progress":
+                    progress((event.step, event.total), desc="Generating image tokens", unit="steps")
+                    if event.partial_images:
+                        partial = [(im, f"preview {event.step}/{event.total}") for im in event.partial_images]
+                        yield partial, {**summary, "status": "generating", "step": event.step, "total": event.total}
+                elif event.kind == "done":
+                    finished = True
+                    yield self._final(request, job, event)
+                else:  # "error" or "cancelled": the job is over
+                    finished = True
+                    raise _error(event.error or "Generation failed.")
+        finally:
+            if not finished:
+                job.cancel()
+
+    def _final(self, request: ValidRequest, job: Job, event: JobEvent) -> tuple[list, dict[str, Any]]:
+        output = event.result
+        assert output is not None
+        ranked = output.images[0]  # the pipeline ranks by CLIP score, best first
+        notices = list(request.notices)
+        if any(output.truncated):
+            notices.append("The prompt is longer than the model's text length; its end was ignored.")
+            gr.Warning(notices[-1])
+        params = request.parameters() | {"seed": job.seed}
+        scores = [score_value(g.score) for g in ranked]
+        gallery = [
+            (
+                pngs.with_metadata(g.image, params | {"seed": g.seed, "rank": rank, "score": score}),
+                caption(rank, score, g.seed),
+            )
+            for rank, (g, score) in enumerate(zip(ranked, scores), start=1)
+        ]
+        summary = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "model": request.model,
+            "num_images": len(ranked),
+            "seeds": [g.seed for g in ranked],
+            "scores": scores,
+            "parameters": params,
+            "timings": {k: round(float(v), 4) for k, v in output.timings.items()},
+            "notices": notices,
+            "status": "done",
+        }
+        return gallery, summary
+
+    def grid_download(self, gallery: list | None, summary: dict | None) -> Any:
+        """Write the ranked gallery as one PNG (with the parameters) and offer it for download."""
+        if not gallery or not summary or summary.get("status") != "done":
+            return gr.DownloadButton(value=None, visible=False)
+        tiles = [Image.open(item[0] if isinstance(item, (tuple, list)) else item) for item in gallery]
+        meta = dict(summary.get("parameters") or {}) | {
+            "seeds": summary.get("seeds", []),
+            "scores": summary.get("scores", []),
+        }
+        self.grid_dir.mkdir(parents=True, exist_ok=True)
+        self._prune_grids()
+        path = self.grid_dir / f"dalle-grid-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
+        pngs.save_png(pngs.make_grid(tiles), path, meta)
+        return gr.DownloadButton(value=str(path), visible=True)
+
+    def _prune_grids(self) -> None:
+        """Gradio copies each grid into its own cache; ours are only needed for a moment."""
+        cutoff = time.time() - GRID_MAX_AGE_S
+        for old in self.grid_dir.glob("dalle-grid-*.png"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                pass
+
+    def model_status(self, model: str | None) -> str:
+        """The line under the model choice: what the chosen model is, or why it cannot be used."""
+        entry = self.catalog.entries.get(model or self.catalog.default)
+        if entry is None:
+            return "Unknown model."
+        if not entry.available:
+            return f"⚠️ **{entry.name}** cannot be used here: {html.escape(entry.reason, quote=False)}"
+        return f"**{entry.name}**: {html.escape(entry.note, quote=False)}" if entry.note else f"**{entry.name}**"
+
+
+def availability_markdown(catalog: Catalog) -> str:
+    lines = [f"- **{e.name}** — unavailable: {html.escape(e.reason, quote=False)}" for e in catalog.unavailable()]
+    return "Models that cannot be used here:\n" + "\n".join(lines) if lines else ""
+
+
+def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = None) -> gr.Blocks:
+    """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
+    h = handlers or Handlers(catalog, pool)
+    n, t, k, p, c = (NUMBERS[x] for x in ("num_images", "temperature", "top_k", "top_p", "cond_scale"))
+    with gr.Blocks(title="DALL·E Mini", delete_cache=(600, 3600)) as demo:
+        gr.Markdown(
+            "# DALL·E Mini\nType a prompt and press **Enter** or **Generate**. Images are ranked by CLIP; "
+            "each caption gives its score and seed."
+        )
+        with gr.Row(equal_height=True):
+            prompt = gr.Textbox(
+                label="Prompt", placeholder=EXAMPLES[0], lines=1, max_lines=1, scale=5,
+                max_length=None, autofocus=True, elem_id="prompt",
+            )
+            run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
+            stop = gr.Button("Stop", variant="stop", scale=0, elem_id="stop")
+        with gr.Accordion("Advanced settings", open=False):
+            negative = gr.Textbox(label="Negative prompt", placeholder="what the images should not show",
+                                  lines=1, max_lines=2)
+            with gr.Row():
+                model = gr.Dropdown(choices=catalog.choices(), value=catalog.default, label="Model",
+                                    elem_id="model", scale=2)
+                num_images = gr.Slider(n.minimum, n.maximum, value=n.default, step=1, label="Number of images")
+                seed = gr.Number(value=SEED_DEFAULT, precision=0, label="Seed (-1 = random)")
+            model_info = gr.Markdown(h.model_status(catalog.default), elem_classes="notice")
+            gr.Markdown(availability_markdown(catalog), elem_classes="notice")
+            with gr.Row():
+                temperature = gr.Slider(0.05, 3.0, value=t.default, step=0.05, label="Temperature")
+                top_k = gr.Slider(k.minimum, 1024, value=k.default, step=1, label="Top-k")
+                top_p = gr.Slider(0.05, p.maximum, value=p.default, step=0.05, label="Top-p")
+                cond_scale = gr.Slider(c.minimum, c.maximum, value=c.default, step=0.5, label="Condition scale")
+        gallery = gr.Gallery(
+            label="Results (ranked by CLIP)", columns=3, height="auto", object_fit="contain",
+            format="png", elem_id="gallery", buttons=["download", "fullscreen"],
+        )
+        download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
+        with gr.Accordion("Details", open=False):
+            summary = gr.JSON(label="Summary", elem_id="summary")
+        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples")
+
+        inputs = [prompt, negative, model, num_images, seed, temperature, top_k, top_p, cond_scale]
+        started = gr.on(
+            [run.click, prompt.submit], lambda: gr.DownloadButton(visible=False), None, download,
+            queue=False, api_visibility="private",
+        )
+        generating = started.then(
+            h.generate, inputs, [gallery, summary], api_name="generate",
+            api_description="Generate images for a prompt; returns the CLIP-ranked gallery and a JSON summary.",
+            preprocess=False, concurrency_limit=CONCURRENCY, concurrency_id="generate",
+        )
+        generating.success(h.grid_download, [gallery, summary], download, api_visibility="private")
+        stop.click(None, None, None, cancels=[generating])
+        model.change(h.model_status, model, model_info, api_visibility="private", queue=False)
+    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
+    return demo
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """How the app is served: no uploads, no extra files exposed, monitoring off."""
+    return dict(
+        css=CSS,
+        max_file_size="1mb",
+        allowed_paths=[],
+        enable_monitoring=False,
+        show_error=False,
+        footer_links=["api", "gradio", "settings"],
+    )
+
+
+def warmup_sizes(env: dict[str, str] | os._Environ = os.environ) -> tuple[int, ...]:
+    """Image-batch sizes compiled before serving: $DALLE_APP_WARMUP (e.g. "1,9"; "" for none)."""
+    text = env.get("DALLE_APP_WARMUP", "1,9")
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def main() -> None:
+    """`python app.py`: load and warm the default model, then serve (127.0.0.1:7860 unless
+    GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise)."""
+    from dalle_app.catalog import load_scheduler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    catalog = Catalog.from_env()
+    pool = ModelPool(catalog, load_scheduler)
+    started = time.perf_counter()
+    print(f"Loading the default model {catalog.default!r}...", flush=True)
+    try:
+        scheduler = pool.get(catalog.default)
+        sizes = warmup_sizes()
+        if sizes:
+            scheduler.pipeline.warmup(sizes)
+        print(f"Model {catalog.default!r} ready in {time.perf_counter() - started:.1f} s", flush=True)
+    except ModelLoadError as e:  # still serve: other models may work, and the error is shown per request
+        log.error("the default model could not be loaded: %s", e)
+    demo = build_app(catalog, pool)
+    _, url, _ = demo.launch(prevent_thread_lock=True, **launch_kwargs())
+    print(f"dalle_app is listening on {url}", flush=True)
+    demo.block_thread()

@@ -1,0 +1,64 @@
+"""Shared by the app's tests: a tiny random model set that loads in seconds, and a live server.
+
+The tiny set is the reference DalleBart (16 codes per image, 64-code vocabulary) with a matching
+random VQGAN (16×16 pixels, 4×4 codes) and the reference CLIP: random weights, real code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference"
+
+
+def make_tiny_models(root: Path) -> dict[str, str]:
+    """Write the tiny model set under `root`; returns the parts of a catalog entry."""
+    import jax
+
+    from dalle_app.models.vqgan import VQGANConfig, build_vqgan, init_params, save_vqgan
+
+    root.mkdir(parents=True, exist_ok=True)
+    dalle, vqgan, clip = root / "dalle", root / "vqgan", root / "clip"
+    if not (dalle / "config.json").exists():
+        shutil.copytree(REFERENCE / "dallebart_tiny_a", dalle, ignore=shutil.ignore_patterns("expected*"))
+    if not (clip / "config.json").exists():
+        shutil.copytree(REFERENCE / "clip_tiny_safetensors", clip, ignore=shutil.ignore_patterns("expected*"))
+        write_tiny_clip_tokenizer(clip)
+    if not (vqgan / "config.json").exists():
+        config = VQGANConfig(ch=32, num_res_blocks=1, resolution=16, z_channels=8, ch_mult=(1, 2, 2),
+                             attn_resolutions=(), n_embed=64, embed_dim=8)
+        save_vqgan(vqgan, config, init_params(build_vqgan(config), jax.random.PRNGKey(0)))
+    return {"dalle": str(dalle), "vqgan": str(vqgan), "clip": str(clip)}
+
+
+def write_tiny_clip_tokenizer(folder: Path) -> None:
+    """A character-level CLIP vocabulary that fits the reference CLIP's 99 text tokens."""
+    letters = string.ascii_lowercase
+    vocab = {token: i for i, token in enumerate([*letters, *(c + "</w>" for c in letters)])}
+    vocab |= {f"<|unused{i}|>": i for i in range(len(vocab), 97)}
+    vocab |= {"<|startoftext|>": 97, "<|endoftext|>": 98}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def tiny_model_spec(parts: dict[str, str]) -> str:
+    """The $DALLE_APP_MODELS form of the tiny set: dalle+vqgan+clip."""
+    return "+".join(parts[k] for k in ("dalle", "vqgan", "clip"))
+
+
+@contextmanager
+def serve(demo, **kwargs) -> Iterator[str]:
+    """Launch `demo` on a free loopback port in this process; yields its URL."""
+    from dalle_app.ui import launch_kwargs
+
+    options = launch_kwargs() | dict(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1") | kwargs
+    _, url, _ = demo.launch(**options)
+    try:
+        yield url
+    finally:
+        demo.close()

@@ -1,0 +1,235 @@
+"""The app's event functions, called directly (no server), against a scripted scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle_app import images as pngs
+from dalle_app.catalog import Catalog, ModelEntry, ModelLoadError, ModelPool, check_entry, short_reason
+from dalle_app.scheduler import JobEvent, QueueFullError
+from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
+
+
+def tile(value: int) -> Image.Image:
+    return Image.fromarray(np.full((8, 8, 3), value, np.uint8))
+
+
+class ScriptedJob:
+    """Plays a fixed list of events; `hold` makes it wait before the terminal one."""
+
+    def __init__(self, request, events, hold: threading.Event | None = None):
+        self.request, self._events, self.hold = request, events, hold
+        self.cancelled = threading.Event()
+        self.seed = request.seed
+
+    def events(self):
+        for event in self._events:
+            if event.kind in ("done", "error") and self.hold is not None:
+                while not self.hold.wait(0.01):
+                    if self.cancelled.is_set():
+                        yield JobEvent("cancelled", error="cancelled")
+                        return
+            yield event
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class ScriptedScheduler:
+    def __init__(self, script="ok", hold=None):
+        self.script, self.hold, self.jobs = script, hold, []
+
+    def submit(self, request):
+        if self.script == "full":
+            raise QueueFullError("full")
+        if self.script == "error":
+            events = [JobEvent("queued"), JobEvent("error", error="Out of memory while generating: try fewer images")]
+        else:
+            n = request.num_images
+            images = [SimpleNamespace(image=tile(10 * i), score=1.0 - 0.1 * i, seed=request.seed + n - i)
+                      for i in range(n)]
+            result = SimpleNamespace(images=[images], timings={"total_s": 0.5}, truncated=[False])
+            events = [
+                JobEvent("queued", queue_position=1),
+                JobEvent("progress", step=8, total=16, partial_images=[tile(1), tile(2)]),
+                JobEvent("progress", step=16, total=16),
+                JobEvent("done", step=16, total=16, result=result),
+            ]
+        job = ScriptedJob(request, events, self.hold)
+        self.jobs.append(job)
+        return job
+
+
+def describe_all_available(ref, kind):
+    return True, f"{ref or 'embedded'} {kind} here"
+
+
+def make_handlers(tmp_path, scheduler=None, load=None):
+    catalog = Catalog.from_env({}, describe_all_available)
+    catalog = Catalog([*catalog.entries.values(),
+                       ModelEntry("broken", "broken", {"dalle": "x"}, available=False, reason="missing flax_model.msgpack")],
+                      catalog.default)
+    pool = ModelPool(catalog, load or (lambda entry: scheduler))
+    return Handlers(catalog, pool, grid_dir=tmp_path / "grids")
+
+
+async def collect(agen):
+    return [item async for item in agen]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_generate_streams_previews_then_the_ranked_gallery(tmp_path):
+    scheduler = ScriptedScheduler()
+    h = make_handlers(tmp_path, scheduler)
+    outputs = run(collect(h.generate("a red square", num_images=4, seed=100)))
+    first, preview, final = outputs
+    assert first[0] == [] and first[1]["status"] == "queued" and first[1]["prompt"] == "a red square"
+    assert [c for _, c in preview[0]] == ["preview 8/16", "preview 8/16"]
+    gallery, summary = final
+    scores = [s for s in summary["scores"]]
+    assert scores == sorted(scores, reverse=True) and len(gallery) == 4
+    assert summary["seeds"] == [104, 103, 102, 101]
+    for rank, ((image, text), seed, score) in enumerate(zip(gallery, summary["seeds"], summary["scores"]), 1):
+        assert text == caption(rank, score, seed)
+        meta = __import__("json").loads(image.info[pngs.METADATA_KEY])
+        assert meta["seed"] == seed and meta["prompt"] == "a red square" and meta["rank"] == rank
+    assert summary["model"] == "embedded" and summary["timings"] == {"total_s": 0.5}
+    assert summary["parameters"]["cond_scale"] == 10.0 and summary["status"] == "done"
+    request = scheduler.jobs[0].request
+    assert (request.prompt, request.num_images, request.seed, request.top_k) == ("a red square", 4, 100, 50)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompt="   "), "Please enter a prompt"),
+        (dict(prompt="x", num_images=99), "num_images must be a whole number from 1 to 16"),
+        (dict(prompt="x", model="/etc/passwd"), "Unknown model"),
+        (dict(prompt="x", model="broken"), "missing flax_model.msgpack"),
+        (dict(prompt="x", top_p="a<b>"), "top_p must be"),
+    ],
+)
+def test_invalid_requests_raise_gr_error_with_the_reason(tmp_path, kwargs, message):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    with pytest.raises(gr.Error) as info:
+        run(collect(h.generate(**kwargs)))
+    assert message in info.value.message
+    assert "<b>" not in info.value.message  # echoed input is escaped: gr.Error renders HTML
+
+
+def test_full_queue_answers_busy(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler("full"))
+    with pytest.raises(gr.Error) as info:
+        run(collect(h.generate("a red square")))
+    assert info.value.message == BUSY_MESSAGE
+
+
+def test_job_error_reaches_the_user(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler("error"))
+    with pytest.raises(gr.Error, match="Out of memory"):
+        run(collect(h.generate("a red square")))
+
+
+def test_model_load_failure_is_this_requests_error_only(tmp_path):
+    calls = []
+
+    def load(entry):
+        calls.append(entry.name)
+        if entry.name == "mini":
+            raise OSError("flax_model.msgpack is corrupt")
+        return ScriptedScheduler()
+
+    h = make_handlers(tmp_path, load=load)
+    with pytest.raises(gr.Error, match="Could not load model 'mini': flax_model.msgpack is corrupt"):
+        run(collect(h.generate("a red square", model="mini")))
+    assert run(collect(h.generate("a red square", num_images=1)))[-1][1]["status"] == "done"
+    with pytest.raises(gr.Error):  # a failed load is retried, not cached
+        run(collect(h.generate("a red square", model="mini")))
+    assert calls == ["mini", "embedded", "mini"]
+
+
+def test_closing_the_stream_cancels_the_job(tmp_path):
+    """Gradio cancels the task of a stopped event; the generator's cleanup must cancel the job."""
+    hold = threading.Event()
+    scheduler = ScriptedScheduler(hold=hold)
+    h = make_handlers(tmp_path, scheduler)
+
+    async def start_then_stop():
+        task = asyncio.ensure_future(collect(h.generate("a red square", num_images=2)))
+        while not scheduler.jobs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(start_then_stop())
+    assert scheduler.jobs[0].cancelled.wait(2)
+
+
+def test_grid_download_writes_one_png_with_the_parameters(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    gallery, summary = run(collect(h.generate("a red square", num_images=3, seed=5)))[-1]
+    paths = []
+    for i, (image, text) in enumerate(gallery):
+        path = tmp_path / f"{i}.png"
+        image.save(path)
+        paths.append((str(path), text))
+    button = h.grid_download(paths, summary)
+    path = button.value["path"] if isinstance(button.value, dict) else button.value
+    meta = pngs.read_metadata(path)
+    assert meta["prompt"] == "a red square" and meta["seeds"] == summary["seeds"] and meta["num_images"] == 3
+    with Image.open(path) as grid:
+        assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    assert h.grid_download([], None).visible is False
+
+
+def test_catalog_marks_unavailable_models_and_adds_configured_folders():
+    def describe(ref, kind):
+        if ref in ("mega",):
+            return False, "dalle-mini/dalle-mega@main is not in the local cache and offline mode is on"
+        return True, "here"
+
+    catalog = Catalog.from_env({"DALLE_APP_MODELS": " /models/a , owner/b@v1,,", "DALLE_APP_DEFAULT_MODEL": "mini"},
+                               describe)
+    assert list(catalog.entries) == ["embedded", "mini", "mega", "/models/a", "owner/b@v1"]
+    assert catalog.default == "mini"
+    assert catalog.usability()["mega"].startswith("dalle: dalle-mini/dalle-mega")
+    assert dict((v, k) for k, v in catalog.choices())["mega"] == "DALL·E Mega (unavailable: not downloaded, offline)"
+    with pytest.raises(ValueError, match="DALLE_APP_MODELS"):
+        Catalog.from_env({"DALLE_APP_DEFAULT_MODEL": "nope"}, describe)
+
+
+def test_check_entry_never_raises():
+    def describe(ref, kind):
+        raise RuntimeError("boom")
+
+    entry = check_entry(ModelEntry("x", "x", {"dalle": "x"}), describe)
+    assert not entry.available and "boom" in entry.reason
+    assert short_reason("line one\nline two") == "line one"
+
+
+def test_model_status_line(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    assert "cannot be used here: missing flax_model.msgpack" in h.model_status("broken")
+    assert "embedded" in h.model_status(None)
+
+
+def test_app_exposes_one_public_generate_endpoint(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    demo = build_app(h.catalog, h.pool, handlers=h)
+    info = demo.get_api_info()
+    assert list(info["named_endpoints"]) == ["/generate"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
+    assert params == ["prompt", "negative_prompt", "model", "num_images", "seed", "temperature", "top_k",
+                      "top_p", "cond_scale"]
