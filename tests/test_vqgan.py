@@ -1,0 +1,167 @@
+"""VQGAN: parameter tree of the published model, config flags, loading/saving, training forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dalle_app.models.vqgan import (
+    UnsupportedVQGANConfig,
+    VQGANConfig,
+    build_vqgan,
+    init_params,
+    load_vqgan,
+    param_shapes,
+    save_vqgan,
+    to_uint8,
+)
+from dalle_app.models.weights import CheckpointError, flatten, unflatten
+
+TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16, attn_resolutions=(8,),
+                   z_channels=8, embed_dim=8, n_embed=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_params() -> dict:
+    return init_params(build_vqgan(TINY), jax.random.PRNGKey(0))
+
+
+def test_real_config_param_tree_equals_published_spec(specs_dir: Path) -> None:
+    spec = json.loads((specs_dir / "vqgan_imagenet_f16_16384.spec.json").read_text())
+    config = VQGANConfig.from_dict(spec["config"])
+    shapes = param_shapes(config)
+    assert shapes == {k: tuple(v) for k, v in spec["params"].items()}
+    assert sum(int(np.prod(s)) for s in shapes.values()) == spec["num_params"] == 76_073_859
+    assert (config.latent_size, config.num_codes) == (16, 256)
+
+
+def test_config_reads_folder_and_ignores_transformers_keys(reference_dir: Path) -> None:
+    config = VQGANConfig.from_pretrained(reference_dir / "vqgan_tiny_a")
+    raw = json.loads((reference_dir / "vqgan_tiny_a" / "config.json").read_text())
+    assert config.ch_mult == tuple(raw["ch_mult"]) and config.n_embed == raw["n_embed"]
+    assert config.num_resolutions == raw["num_resolutions"]
+    assert config.num_codes == (raw["resolution"] // 2 ** (len(raw["ch_mult"]) - 1)) ** 2
+
+
+@pytest.mark.parametrize(("flag", "value"), [("double_z", True), ("give_pre_end", True), ("num_resolutions", 4)])
+def test_unsupported_flags_are_named(flag: str, value: object) -> None:
+    with pytest.raises(UnsupportedVQGANConfig, match=flag):
+        VQGANConfig.from_dict({**TINY.to_dict(), flag: value})
+    assert issubclass(UnsupportedVQGANConfig, ValueError)
+
+
+def test_channels_must_suit_groupnorm() -> None:
+    with pytest.raises(UnsupportedVQGANConfig, match="multiple of 32"):
+        VQGANConfig(ch=48, ch_mult=(1, 2), resolution=16)
+
+
+def test_save_load_round_trip(tmp_path: Path, tiny_params: dict) -> None:
+    save_vqgan(tmp_path, TINY, tiny_params)
+    raw = flax.serialization.msgpack_restore((tmp_path / "flax_model.msgpack").read_bytes())
+    assert set(raw) == {"decoder", "encoder", "post_quant_conv", "quant_conv", "quantize"}  # no "params" wrapper
+    vq = load_vqgan(tmp_path)
+    assert vq.config == TINY
+    for key, leaf in flatten(tiny_params).items():
+        np.testing.assert_array_equal(np.asarray(flatten(vq.params)[key]), np.asarray(leaf))
+    codes = np.arange(2 * TINY.num_codes, dtype=np.int32).reshape(2, -1) % TINY.n_embed
+    images = vq.decode(codes)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == jnp.float32
+    indices, quantized = vq.encode(np.full((1, 16, 16, 3), 0.5, np.float32))
+    assert indices.shape == (1, TINY.num_codes) and indices.dtype == jnp.int32
+    assert quantized.shape == (1, 8, 8, TINY.embed_dim)
+
+
+def test_missing_files_are_reported(tmp_path: Path, tiny_params: dict) -> None:
+    with pytest.raises(CheckpointError, match="config not found"):
+        load_vqgan(tmp_path)
+    save_vqgan(tmp_path, TINY, tiny_params)
+    (tmp_path / "flax_model.msgpack").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        load_vqgan(tmp_path)
+
+
+def test_wrong_shape_names_path_expected_and_found(tmp_path: Path, tiny_params: dict) -> None:
+    save_vqgan(tmp_path, TINY, tiny_params)
+    flat = {k: np.asarray(v) for k, v in flatten(tiny_params).items()}
+    flat["quantize/embedding/embedding"] = np.zeros((16, 8), np.float32)
+    del flat["decoder/conv_out/bias"]
+    (tmp_path / "flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(unflatten(flat)))
+    with pytest.raises(CheckpointError) as err:
+        load_vqgan(tmp_path)
+    msg = str(err.value)
+    assert "quantize/embedding/embedding: expected shape (32, 8), found (16, 8)" in msg
+    assert "missing parameter decoder/conv_out/bias" in msg
+
+
+def test_corrupt_msgpack_is_reported(tmp_path: Path, tiny_params: dict) -> None:
+    save_vqgan(tmp_path, TINY, tiny_params)
+    path = tmp_path / "flax_model.msgpack"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_vqgan(tmp_path)
+
+
+def test_legacy_groupnorm_shapes_load(tmp_path: Path, reference_dir: Path) -> None:
+    """Checkpoints saved with flax <= 0.3.5 store GroupNorm params as (1, 1, 1, C)."""
+    src = reference_dir / "vqgan_tiny_a"
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    flat = flatten(flax.serialization.msgpack_restore((src / "flax_model.msgpack").read_bytes()))
+    legacy = {k: (v.reshape(1, 1, 1, -1) if "norm" in k else v) for k, v in flat.items()}
+    (tmp_path / "flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(unflatten(legacy)))
+    codes = np.load(src / "expected.npz")["codes"]
+    np.testing.assert_array_equal(np.asarray(load_vqgan(tmp_path).decode(codes)),
+                                  np.asarray(load_vqgan(src).decode(codes)))
+
+
+def test_decode_rejects_wrong_code_count(tiny_params: dict, tmp_path: Path) -> None:
+    save_vqgan(tmp_path, TINY, tiny_params)
+    with pytest.raises(ValueError, match="expected 64 codes"):
+        load_vqgan(tmp_path).decode(np.zeros((1, 63), np.int32))
+
+
+def test_to_uint8_clips_and_truncates() -> None:
+    images = jnp.array([-0.5, 0.0, 0.5, 0.999, 1.0, 7.0], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(to_uint8(images)), [0, 0, 127, 254, 255, 255])
+
+
+def test_resampling_without_conv_has_no_resample_params() -> None:
+    shapes = param_shapes(dataclasses.replace(TINY, resamp_with_conv=False))
+    assert not [k for k in shapes if "sample" in k]
+    assert len(shapes) == len(param_shapes(TINY)) - 4
+
+
+def test_training_steps_reduce_reconstruction_loss(tiny_params: dict) -> None:
+    module = build_vqgan(TINY)
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    images = np.stack([np.stack([xx, yy, xx * yy], -1), np.stack([yy, 1 - xx, xx], -1)]).astype(np.float32)
+
+    def loss_fn(params: dict) -> tuple[jax.Array, jax.Array]:
+        out = module.apply({"params": params}, images, train=True)
+        rec = jnp.mean((out.reconstruction - images) ** 2)
+        return rec + out.codebook_loss + 0.25 * out.commitment_loss, rec
+
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params: dict, opt_state: optax.OptState) -> tuple[dict, optax.OptState, jax.Array, dict]:
+        (_, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, rec, grads
+
+    params, opt_state = tiny_params, optimizer.init(tiny_params)
+    params, opt_state, first, grads = step(params, opt_state)
+    # straight-through: the reconstruction loss reaches the encoder through the quantizer
+    assert float(jnp.abs(grads["encoder"]["conv_in"]["kernel"]).max()) > 0
+    assert float(jnp.abs(grads["quantize"]["embedding"]["embedding"]).max()) > 0
+    for _ in range(15):
+        params, opt_state, rec, _ = step(params, opt_state)
+    assert float(rec) < 0.5 * float(first)
