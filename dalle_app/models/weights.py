@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: msgpack checkpoints may hold it)
 import msgpack
 import numpy as np
 

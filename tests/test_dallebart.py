@@ -1,0 +1,272 @@
+"""DalleBart: parameter trees of the real checkpoints, loader errors, weight/compute dtypes, and the
+configuration flags implemented beyond what mini/mega use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import serialization
+
+from dalle_app.models import weights
+from dalle_app.models.dallebart import (
+    CheckpointError,
+    DalleBart,
+    DalleBartConfig,
+    KV,
+    UnsupportedConfigError,
+    abstract_params,
+    init_cache,
+    load_dallebart,
+    unstack_layer_shapes,
+)
+
+TINY_UNSCANNED = "dallebart_tiny_a"
+TINY_SCANNED = "dallebart_tiny_b_scanned"
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "flax_model.msgpack"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def _write_params(folder: Path, flat: dict[str, np.ndarray]) -> None:
+    (folder / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(weights.unflatten(flat)))
+
+
+def _read_flat(folder: Path) -> dict[str, np.ndarray]:
+    return weights.flatten(weights.read_msgpack(folder / "flax_model.msgpack"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter trees of the published checkpoints (no weights: jax.eval_shape)
+
+
+@pytest.mark.parametrize("name", ["dallebart_mini", "dallebart_mini_scanned", "dallebart_mega", "dallebart_mega_scanned"])
+def test_param_tree_matches_published_spec(specs_dir: Path, name: str) -> None:
+    spec = json.loads((specs_dir / f"{name}.spec.json").read_text())
+    config = DalleBartConfig.from_dict(spec["config"])
+    shapes = {k: tuple(v.shape) for k, v in abstract_params(config).items()}
+    if not spec["config"]["use_scan"]:
+        shapes = unstack_layer_shapes(shapes)
+    assert shapes == {k: tuple(v) for k, v in spec["params"].items()}
+    assert sum(int(np.prod(s)) for s in shapes.values()) == spec["num_params"]
+
+
+@pytest.mark.parametrize("config_file", ["dalle_mini_config.json", "dalle_mega_config.json"])
+def test_real_configs_are_read_in_full(specs_dir: Path, config_file: str) -> None:
+    values = json.loads((specs_dir / config_file).read_text())
+    config = DalleBartConfig.from_dict(values)
+    for key in ("d_model", "encoder_layers", "decoder_ffn_dim", "image_vocab_size", "encoder_vocab_size",
+                "decoder_start_token_id", "image_length", "max_text_length"):
+        assert getattr(config, key) == values[key]
+    assert config.num_image_tokens == values["image_vocab_size"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader errors
+
+
+def test_missing_weight_file_is_named(tmp_path: Path, reference_dir: Path) -> None:
+    folder = _copy_folder(reference_dir / TINY_SCANNED, tmp_path / "m")
+    (folder / "flax_model.msgpack").unlink()
+    with pytest.raises(CheckpointError, match=r"not found: .*m/flax_model\.msgpack"):
+        load_dallebart(folder)
+
+
+def test_missing_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_dallebart(tmp_path)
+
+
+def test_corrupt_msgpack_is_reported(tmp_path: Path, reference_dir: Path) -> None:
+    folder = _copy_folder(reference_dir / TINY_SCANNED, tmp_path / "m")
+    data = (folder / "flax_model.msgpack").read_bytes()
+    (folder / "flax_model.msgpack").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_dallebart(folder)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "path"),
+    [
+        (TINY_SCANNED, "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_1/kernel"),
+        (TINY_UNSCANNED, "model/encoder/layers/FlaxBartEncoderLayer_1/FlaxBartAttention_0/k_proj/kernel"),
+        (TINY_UNSCANNED, "lm_head/kernel"),
+    ],
+)
+def test_wrong_shape_names_path_expected_and_found(tmp_path: Path, reference_dir: Path, fixture: str, path: str) -> None:
+    folder = _copy_folder(reference_dir / fixture, tmp_path / "m")
+    flat = _read_flat(folder)
+    expected = flat[path].shape
+    flat[path] = flat[path][..., :-1].copy()
+    _write_params(folder, flat)
+    found = flat[path].shape
+    with pytest.raises(CheckpointError) as err:
+        load_dallebart(folder)
+    assert f"parameter {path}: expected shape {expected}, found {found}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "path"),
+    [
+        (TINY_SCANNED, "model/encoder/final_ln/bias"),
+        (TINY_UNSCANNED, "model/decoder/layers/FlaxBartDecoderLayer_1/LayerNorm_3/scale"),
+    ],
+)
+def test_missing_parameter_is_named(tmp_path: Path, reference_dir: Path, fixture: str, path: str) -> None:
+    folder = _copy_folder(reference_dir / fixture, tmp_path / "m")
+    flat = _read_flat(folder)
+    shape = flat.pop(path).shape
+    _write_params(folder, flat)
+    with pytest.raises(CheckpointError) as err:
+        load_dallebart(folder)
+    assert f"missing parameter {path} (expected shape {shape})" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("ln_positions", "swinv2"),
+        ("ln_positions", "deepnet"),
+        ("ln_type", "rmsnorm"),
+        ("use_cosine_attention", True),
+        ("use_swin_position_embeddings", True),
+        ("use_deepnet_scaling", True),
+        ("use_alibi", True),
+        ("sinkhorn_iters", 3),
+        ("tie_word_embeddings", True),
+        ("activation_function", "smelu"),
+    ],
+)
+def test_unsupported_flag_is_refused_at_load(tmp_path: Path, reference_dir: Path, flag: str, value) -> None:
+    folder = _copy_folder(reference_dir / TINY_SCANNED, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config[flag] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    shown = "postln" if value == "deepnet" else value  # dalle-mini rewrites deepnet to postln
+    with pytest.raises(UnsupportedConfigError, match=f"{flag}={shown!r}"):
+        load_dallebart(folder)
+    assert issubclass(UnsupportedConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored and compute dtypes
+
+
+def _reference_logits(reference_dir: Path, fixture: str) -> tuple[dict, np.ndarray]:
+    with np.load(reference_dir / fixture / "expected.npz") as data:
+        exp = {k: data[k] for k in data.files}
+    return exp, exp["logits"]
+
+
+def _teacher_forced(model, exp: dict) -> jax.Array:
+    hidden = model.encode(model.params, exp["input_ids"], exp["attention_mask"])
+    return model.decode(model.params, exp["decoder_input_ids"], hidden, exp["attention_mask"])
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_half_precision_weight_files_load(tmp_path: Path, reference_dir: Path, stored: str) -> None:
+    folder = _copy_folder(reference_dir / TINY_UNSCANNED, tmp_path / "m")
+    original = _read_flat(folder)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(np.float16)
+    _write_params(folder, {k: v.astype(np_dtype) for k, v in original.items()})
+    assert all(v.dtype == np_dtype for v in _read_flat(folder).values())
+
+    model = load_dallebart(folder, dtype=jnp.float32)  # stored half, computed in float32
+    loaded = weights.flatten(model.params)
+    scanned = "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_0/kernel"
+    assert loaded[scanned].dtype == jnp.float32
+    per_layer = np.stack([original[scanned.replace("FlaxBartDecoderLayers", f"FlaxBartDecoderLayer_{i}")]
+                          for i in range(model.config.decoder_layers)])
+    np.testing.assert_allclose(np.asarray(loaded[scanned]), per_layer, rtol=1e-2, atol=1e-3)
+
+    exp, want = _reference_logits(reference_dir, TINY_UNSCANNED)
+    got = np.asarray(_teacher_forced(model, exp))
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("compute", "rel_tol"), [(jnp.float16, 0.01), (jnp.bfloat16, 0.05)])
+def test_half_precision_compute_stays_close_to_float32(reference_dir: Path, compute, rel_tol: float) -> None:
+    exp, want = _reference_logits(reference_dir, TINY_SCANNED)
+    model = load_dallebart(reference_dir / TINY_SCANNED, dtype=compute)
+    assert all(leaf.dtype == compute for leaf in jax.tree_util.tree_leaves(model.params))
+    got = _teacher_forced(model, exp)
+    assert got.dtype == jnp.float32  # logits come back in float32 whatever the compute dtype
+    err = float(np.abs(np.asarray(got) - want).max())
+    assert err < rel_tol * np.abs(want).max(), err
+
+    # the cached step path runs in the same dtype and stays close to teacher forcing
+    hidden = model.encode(model.params, exp["input_ids"], exp["attention_mask"])
+    cross = model.cross_kv(model.params, hidden)
+    cache = model.init_cache(exp["input_ids"].shape[0])
+    assert cache.k.dtype == compute and cross.k.dtype == compute
+    logits, cache = jax.jit(model.decode_step)(model.params, jnp.asarray(exp["decoder_input_ids"][:, 0]),
+                                               jnp.int32(0), cache, cross, exp["attention_mask"])
+    assert logits.dtype == jnp.float32
+    assert float(np.abs(np.asarray(logits) - want[:, 0]).max()) < rel_tol * np.abs(want).max()
+
+
+def test_compute_dtype_must_be_a_float_type(reference_dir: Path) -> None:
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        load_dallebart(reference_dir / TINY_SCANNED, dtype=jnp.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implemented flags beyond mini/mega: parameter names, and cached steps equal teacher forcing
+
+
+SMALL = dict(encoder_vocab_size=30, image_vocab_size=20, image_length=6, max_text_length=5, d_model=16,
+             encoder_layers=2, decoder_layers=2, encoder_ffn_dim=24, decoder_ffn_dim=20,
+             encoder_attention_heads=2, decoder_attention_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "present", "absent"),
+    [
+        ({}, ["model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/kernel"], ["q_proj/bias", "head_scale"]),
+        ({"use_bias": True}, ["model/encoder/layers/FlaxBartEncoderLayers/FlaxBartAttention_0/q_proj/bias",
+                              "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/bias"], ["lm_head/bias"]),
+        ({"use_head_scale": True}, ["model/decoder/layers/FlaxBartDecoderLayers/FlaxBartAttention_1/head_scale"], []),
+        ({"use_glu": False}, ["model/encoder/layers/FlaxBartEncoderLayers/FFN_0/Dense_1/kernel"], ["GLU_0"]),
+        ({"force_ln_scale": True}, ["model/encoder/final_ln/scale",
+                                    "model/encoder/layers/FlaxBartEncoderLayers/LayerNorm_0/scale"], []),
+        ({"use_final_ln_decoder": False, "use_absolute_position_embeddings": False},
+         ["model/encoder/final_ln/bias"], ["model/decoder/final_ln", "embed_positions"]),
+        ({"scale_embedding": True, "activation_function": "gelu_new"}, ["lm_head/kernel"], []),
+        ({"activation_function": "relu", "use_subln_init": True}, ["lm_head/kernel"], []),
+    ],
+)
+def test_implemented_flags(flags: dict, present: list[str], absent: list[str]) -> None:
+    config = DalleBartConfig.from_dict({**SMALL, **flags})
+    module = DalleBart(config)
+    text = jnp.asarray(np.random.default_rng(0).integers(0, 30, (3, 5)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], jnp.int32)
+    image = jnp.asarray(np.random.default_rng(1).integers(0, 21, (3, 6)), jnp.int32)
+    params = module.init(jax.random.PRNGKey(0), text, mask, image)["params"]
+    # perturb every parameter so that ones/zeros inits (scales, biases, head_scale) matter
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    names = list(weights.flatten(params))
+    for p in present:
+        assert p in names
+    for a in absent:
+        assert not any(a in n for n in names), a
+
+    apply = lambda method, *args: module.apply({"params": params}, *args, method=method)  # noqa: E731
+    hidden = apply("encode", text, mask)
+    teacher = apply("decode", image, hidden, mask)
+    cross, cache = apply("cross_kv", hidden), init_cache(config, 3)
+    assert isinstance(cross, KV) and cross.k.shape == (2, 3, 5, 4, 4)
+    for t in range(6):
+        logits, cache = apply("decode_step", image[:, t], t, cache, cross, mask)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(teacher[:, t]), atol=1e-5)
