@@ -486,9 +486,10 @@ def _from_torch(flax_path: str, array: np.ndarray) -> np.ndarray:
 
 
 def _to_torch(flax_path: str, array: np.ndarray) -> np.ndarray:
+    """C-ordered copy in the PyTorch layout (np.ascontiguousarray would turn logit_scale's () into (1,))."""
     if flax_path.endswith("/kernel"):
-        return np.ascontiguousarray(array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1))
-    return np.ascontiguousarray(array)
+        array = array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
+    return np.array(array, order="C")
 
 
 def build_clip(config: CLIPConfig, dtype: Any = jnp.float32, text_pooling: str | None = None) -> CLIPModule:
@@ -500,7 +501,7 @@ def init_params(module: CLIPModule, rng: jax.Array) -> Tree:
     c = module.config
     ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
     pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
-    return nn.unbox(module.init(rng, ids, jnp.ones_like(ids), pixels))["params"]
+    return nn.unbox(jax.jit(module.init)(rng, ids, jnp.ones_like(ids), pixels))["params"]
 
 
 def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:

@@ -1,11 +1,11 @@
 """Turning images and prompts into CLIP inputs, without torch.
 
 Images follow transformers' `CLIPImageProcessor` (its PIL backend, which made the reference
-`pixel_values`): convert to RGB, resize so the shortest side is `size.shortest_edge` with PIL
-bicubic (the long side truncated, `int(edge * long / short)`), center crop (zero padding when the
-image is smaller than the crop), `x * rescale_factor` in float64 then float32, then
-`(x - mean) / std` in float32. The result is **NHWC** float32, the layout `CLIPModule` takes
-(transformers' models take NCHW: transpose (0, 3, 1, 2) to compare).
+`pixel_values`): convert to RGB (transparency composited onto white), resize so the shortest side
+is `size.shortest_edge` with PIL bicubic (the long side truncated, `int(edge * long / short)`),
+center crop (zero padding when the image is smaller than the crop), `x * rescale_factor` in
+float64 then float32, then `(x - mean) / std` in float32. The result is **NHWC** float32, the
+layout `CLIPModule` takes (transformers' models take NCHW: transpose (0, 3, 1, 2) to compare).
 
 Text goes through transformers' `CLIPTokenizer` (backed by `tokenizers`), padded and truncated to
 the model's `max_position_embeddings` (77 for OpenAI's CLIP), as DALL·E Mini's notebook did.
@@ -135,7 +135,7 @@ class CLIPImagePreprocessor:
         """One image → float32 (h, w, C), NHWC's per-image part."""
         pil = _to_pil(image)
         if self.do_convert_rgb:
-            pil = pil.convert("RGB")
+            pil = _to_rgb(pil)
         if self.do_resize:
             pil = pil.resize(self._resized_size(pil.width, pil.height), resample=self.resample)
         pixels = np.asarray(pil)
@@ -175,6 +175,14 @@ def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3):
         raise ValueError(f"an image must be (H, W) or (H, W, C), got shape {array.shape}")
     return Image.fromarray(array)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (as transformers does; PIL's convert drops it)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
