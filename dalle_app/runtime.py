@@ -19,7 +19,7 @@ CACHE_ENV = "DALLE_APP_JAX_CACHE"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def configure(cache_dir: str | os.PathLike | None = None) -> Path | None:
+def configure(cache_dir: str | os.PathLike | None | bool = None) -> Path | None:
     """Pin the RNG implementation and turn on the persistent compilation cache.
 
     `jax_threefry_partitionable=True` is set explicitly (it is JAX's default since 0.5): random
@@ -27,11 +27,13 @@ def configure(cache_dir: str | os.PathLike | None = None) -> Path | None:
     the jax 0.3/0.4 stream that dalle-mini 0.1.5 used, so seeds do not reproduce its samples.
 
     The compilation cache directory is `cache_dir`, else $DALLE_APP_JAX_CACHE, else
-    ~/.cache/dalle_app/jax; an empty $DALLE_APP_JAX_CACHE disables it. Returns the directory
-    used (or None). Safe to call more than once.
+    ~/.cache/dalle_app/jax; `cache_dir=False` or an empty $DALLE_APP_JAX_CACHE disables it.
+    Returns the directory used (or None). Safe to call more than once.
     """
     jax.config.update("jax_threefry_partitionable", True)
-    if cache_dir is None:
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
         env = os.environ.get(CACHE_ENV)
         if env is not None and env.strip() == "":
             return None
