@@ -231,6 +231,7 @@ def test_score_end_to_end(tmp_path: Path, tiny_params: dict) -> None:
     texts = ["a red cat", "a blue dog"]
     scores = clip.score(images, texts, batch_size=2)
     assert scores.shape == (3, 2)
+    np.testing.assert_allclose(clip.score(np.stack(images), texts, batch_size=2), scores, atol=1e-5)
     np.testing.assert_allclose(clip.score(images, texts), scores, atol=1e-5)
     ids, mask = clip.tokenizer(texts)
     direct = clip.logits_per_image(clip.params, clip.preprocess(images), ids, mask)

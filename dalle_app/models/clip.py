@@ -440,8 +440,8 @@ class CLIP:
     def score(self, images: ImagesLike, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
         """Rank-ready scores: PIL images or uint8 arrays and prompts → logits_per_image (N_images, N_texts).
 
-        Images go through in fixed-size batches (the last one padded), so any number of images
-        compiles the vision tower once.
+        Images go through in batches of `batch_size` (the last one padded), so any number of
+        images above it compiles the vision tower once.
         """
         if self.tokenizer is None:
             raise ValueError("this CLIP folder has no tokenizer files (tokenizer.json or vocab.json + "
@@ -449,6 +449,7 @@ class CLIP:
         input_ids, attention_mask = self.tokenizer(texts)
         text = self.text_embeds(self.params, input_ids, attention_mask)
         pixels = self.preprocess(images)
+        batch_size = min(batch_size, len(pixels))
         chunks = []
         for start in range(0, len(pixels), batch_size):
             chunk = pixels[start:start + batch_size]
