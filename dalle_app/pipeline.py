@@ -120,6 +120,11 @@ class DallePipeline:
                  clip: CLIP | None = None, batch_buckets: Sequence[int] = BATCH_BUCKETS,
                  devices: list[Any] | None = None) -> None:
         check_compatible(dalle, vqgan)
+        if clip is not None and clip.tokenizer is None:
+            raise ModelMismatchError(
+                "the CLIP folder has no tokenizer files (tokenizer.json, or vocab.json and "
+                "merges.txt), so it cannot score prompts: add them, or pass clip=False to skip "
+                "ranking")
         self.dalle = dalle
         self.text = text
         self.vqgan = vqgan
