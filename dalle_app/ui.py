@@ -55,7 +55,7 @@ CSS = "#gallery {min-height: 320px} .notice {font-size: 0.9em}"
 
 def _error(message: str) -> gr.Error:
     """gr.Error renders HTML: escape whatever part of the user's input a message echoes."""
-    return gr.Error(html.escape(message, quote=False))
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
 async def job_events(job: Job) -> AsyncIterator[JobEvent]:
@@ -136,7 +136,7 @@ class Handlers:
     async def generate(
         self,
         prompt: str,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         model: str | None = None,
         num_images: int = 9,
         seed: int = SEED_DEFAULT,

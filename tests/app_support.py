@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import string
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -62,3 +63,39 @@ def serve(demo, **kwargs) -> Iterator[str]:
         yield url
     finally:
         demo.close()
+
+
+class SlowPipeline:
+    """A real pipeline whose decoding loop sleeps at each progress report, so a test can act
+    (cancel, submit more) while a loop is running."""
+
+    def __init__(self, pipeline, delay_s: float) -> None:
+        self._pipeline = pipeline
+        self.delay_s = delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def generate_codes(self, rows, progress=None, progress_every=None, steps=None):
+        def slowly(step, total, codes):
+            time.sleep(self.delay_s)
+            return progress(step, total, codes)
+
+        return self._pipeline.generate_codes(rows, None if progress is None else slowly, progress_every, steps)
+
+
+def recording_scheduler(pipeline, **kwargs):
+    """A dalle_app Scheduler that keeps a list of its jobs in `.jobs`."""
+    from dalle_app.scheduler import Scheduler
+
+    class Recording(Scheduler):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.jobs = []
+
+        def submit(self, request):
+            job = super().submit(request)
+            self.jobs.append(job)
+            return job
+
+    return Recording(pipeline, **kwargs)
