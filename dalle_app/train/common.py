@@ -27,7 +27,6 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to `final_lr_ratio * lr`, and global-norm clipping."""
 
     lr: float
-    steps: int
     warmup: int = 200
     weight_decay: float = 0.01
     clip_norm: float = 1.0
@@ -36,16 +35,31 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The one optimizer every phase uses; only the numbers differ."""
-    warmup = max(1, min(cfg.warmup, cfg.steps // 2))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.final_lr_ratio,
-    )
+    """The one optimizer every phase uses. The learning rate is a hyperparameter set from the host
+    each step (`set_learning_rate`), so the step count can be decided after timing the first
+    steps without compiling the step function again."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+        optax.inject_hyperparams(optax.adamw)(
+            learning_rate=0.0, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
+
+
+def learning_rate(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Warmup (linear from 0) then cosine decay over the rest of `total_steps`."""
+    warmup = max(1, min(cfg.warmup, total_steps // 2))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = cfg.lr * cfg.final_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def set_learning_rate(opt_state: Any, lr: float) -> Any:
+    """Return `opt_state` (of `make_optimizer`) with its learning rate set to `lr`."""
+    clip_state, adam_state = opt_state
+    hyper = {**adam_state.hyperparams, "learning_rate": np.asarray(lr, np.float32)}
+    return (clip_state, adam_state._replace(hyperparams=hyper))
 
 
 def decay_mask(params: Any) -> Any:
@@ -113,18 +127,6 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def steps_for_budget(step_fn: Callable[[int], Any], seconds: float, probe: int = 3,
-                     minimum: int = 20) -> int:
-    """How many steps fit in `seconds`, measured by timing `probe` calls of `step_fn(i)`
-    (after one untimed call that compiles). Used when a run is given minutes instead of steps."""
-    jax.block_until_ready(step_fn(0))
-    t0 = time.time()
-    for i in range(probe):
-        jax.block_until_ready(step_fn(i + 1))
-    per_step = (time.time() - t0) / probe
-    return max(minimum, int(seconds / max(per_step, 1e-6)))
-
-
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -135,36 +137,77 @@ def run_loop(
     log: PhaseLog,
     state: dict[str, Any],
     step_fn: Callable[[dict[str, Any], int], tuple[dict[str, Any], dict[str, Any]]],
-    total_steps: int,
+    optim: OptimConfig,
     save_every: int,
     log_every: int,
+    seconds: float | None = None,
     deadline: float | None = None,
     on_save: Callable[[dict[str, Any]], None] | None = None,
+    probe_steps: int = 4,
 ) -> dict[str, Any]:
-    """Run `step_fn(state, step) -> (state, metrics)` from `state["step"]` to `total_steps`.
+    """Run `step_fn(state, step) -> (state, metrics)` from `state["step"]` to `state["total_steps"]`,
+    setting the learning rate of `state["opt_state"]` before each step.
 
-    Saves `<folder>/state.msgpack` every `save_every` steps and at the end (then calls `on_save`,
-    e.g. to export an intermediate model), logs metrics averaged over the last `log_every` steps,
-    and stops early, after saving, once `time.time()` passes `deadline`.
+    `state["total_steps"] == 0` means "as many as fit in `seconds`": the first step (compilation)
+    is left out, the next `probe_steps` are timed, and the total is fixed from them (and kept in
+    the saved state, so a resumed run keeps the same schedule). Saves `<folder>/state.msgpack`
+    every `save_every` steps and at the end (then calls `on_save`, e.g. to export the model), logs
+    metrics averaged over `log_every` steps, and stops early, after saving, past `deadline`.
     """
+    t_start = time.time()
     window: list[dict[str, Any]] = []
     t_window = time.time()
     step = int(state["step"])
-    while step < total_steps:
+    probe_from: tuple[int, float] | None = None
+    while state["total_steps"] == 0 or step < state["total_steps"]:
+        total = int(state["total_steps"]) or 10**9
+        state["opt_state"] = set_learning_rate(state["opt_state"], learning_rate(optim, step, total))
         state, metrics = step_fn(state, step)
         step += 1
         state["step"] = step
         window.append(metrics)
+        if state["total_steps"] == 0:
+            jax.block_until_ready(metrics)
+            if probe_from is None:
+                probe_from = (step, time.time())
+            elif step - probe_from[0] >= probe_steps:
+                per_step = (time.time() - probe_from[1]) / (step - probe_from[0])
+                left = (seconds or 0.0) - (time.time() - t_start)
+                state["total_steps"] = max(step + 1, step + int(left / per_step))
+                log(step, total_steps=int(state["total_steps"]), measured_s_per_step=round(per_step, 3))
+        total = int(state["total_steps"]) or 10**9
         out_of_time = deadline is not None and time.time() > deadline
-        if step % log_every == 0 or step == total_steps or out_of_time:
+        if step % log_every == 0 or step == total or out_of_time:
             means = {k: float(np.mean([np.asarray(m[k]) for m in window])) for k in window[0]}
-            log(step, **means, s_per_step=round((time.time() - t_window) / len(window), 3))
+            log(step, **means, lr=learning_rate(optim, step - 1, total),
+                s_per_step=round((time.time() - t_window) / len(window), 3))
             window, t_window = [], time.time()
-        if step % save_every == 0 or step == total_steps or out_of_time:
+        if step % save_every == 0 or step == total or out_of_time:
             save_state(folder / "state.msgpack", state)
             if on_save is not None:
                 on_save(state)
         if out_of_time:
-            log(step, stopped_early=True, total_steps=total_steps)
+            log(step, stopped_early=True, total_steps=total)
             break
     return state
+
+
+def start_state(folder: Path, log: PhaseLog, params: Any, tx: optax.GradientTransformation,
+                steps: int | None, seconds: float | None, **extras: Any) -> dict[str, Any]:
+    """The saved state of the phase if there is one (resume), else a fresh one.
+
+    `steps` None means "decide from `seconds`" (total_steps 0 until `run_loop` has timed a few steps).
+    """
+    if steps is None and seconds is None:
+        raise ValueError("give a step count or a time budget")
+    fresh = {"step": 0, "total_steps": steps or 0, "params": params, "opt_state": tx.init(params), **extras}
+    state = load_state(folder / "state.msgpack", fresh)
+    if state is None:
+        return fresh
+    log(int(state["step"]), resumed=True, total_steps=int(state["total_steps"]))
+    return state
+
+
+def remaining(seconds: float | None, since: float) -> float | None:
+    """What is left of a `seconds` budget started at `since` (None: no budget)."""
+    return None if seconds is None else seconds - (time.time() - since)

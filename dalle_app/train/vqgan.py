@@ -29,7 +29,8 @@ from dalle_app.train.common import (
     make_optimizer,
     phase_seed,
     run_loop,
-    steps_for_budget,
+    remaining,
+    start_state,
     write_json,
 )
 
@@ -156,40 +157,23 @@ def train_vqgan(
     log = PhaseLog(folder, PHASE)
     t0 = time.time()
     module = build_vqgan(model_cfg)
-    rng = np.random.default_rng(phase_seed(seed, "vqgan-codes"))
     params = init_params(module, jax.random.PRNGKey(phase_seed(seed, "vqgan-init")))
 
-    # The step count fixes the LR schedule, so it is decided once and stored in the state.
-    total = cfg.steps
-    template_tx = make_optimizer(OptimConfig(cfg.lr, total or 1, cfg.warmup))
-    template = {"step": 0, "total_steps": 0, "params": params, "opt_state": template_tx.init(params),
-                "usage": np.zeros(model_cfg.n_embed, np.int64)}
-    state = load_state(folder / "state.msgpack", template)
-    if state is not None:
-        total = int(state["total_steps"])
-        log(int(state["step"]), resumed=True, total_steps=total)
-    elif total is None:
-        probe_tx = make_optimizer(OptimConfig(cfg.lr, 1000, cfg.warmup))
-        probe_step = make_train_step(module, probe_tx, cfg)
-        probe_state = probe_tx.init(params)
-        total = steps_for_budget(
-            lambda i: probe_step(params, probe_state, jnp.asarray(images_for_step(seed, i, cfg.batch_size)))[2],
-            cfg.seconds or 600.0,
-        )
-    tx = make_optimizer(OptimConfig(cfg.lr, total, cfg.warmup))
-    if state is None:
-        state = {"step": 0, "total_steps": total, "params": params, "opt_state": tx.init(params),
-                 "usage": np.zeros(model_cfg.n_embed, np.int64)}
+    optim = OptimConfig(cfg.lr, cfg.warmup)
+    tx = make_optimizer(optim)
+    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds,
+                        usage=np.zeros(model_cfg.n_embed, np.int64))
     train_step = make_train_step(module, tx, cfg)
     encode = make_encoder(module)
-    restart_until = int(cfg.restart_until * total)
 
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         x = jnp.asarray(images_for_step(seed, step, cfg.batch_size))
         p = st["params"]
+        restart_until = cfg.restart_until * (st["total_steps"] or 10**9)
         if step == cfg.init_codebook_at or (
             step > cfg.init_codebook_at and step % cfg.restart_every == 0 and step <= restart_until
         ):
+            rng = np.random.default_rng(phase_seed(seed, "vqgan-codes", step))
             p, st["usage"], restarted = _restart_codes(
                 p, st["usage"], encode, x, rng, everything=step == cfg.init_codebook_at
             )
@@ -203,8 +187,9 @@ def train_vqgan(
     def export(st: dict[str, Any]) -> None:
         save_vqgan(folder / "model", model_cfg, st["params"])
 
-    state = run_loop(folder, log, state, step_fn, total, cfg.save_every, cfg.log_every, deadline, export)
-    report = {"steps": int(state["step"]), "total_steps": total, "batch_size": cfg.batch_size,
+    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
+                     remaining(cfg.seconds, t0), deadline, export)
+    report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "train_seconds": round(time.time() - t0, 1),
               **evaluate(module, state["params"], seed, cfg.eval_images)}
     log(int(state["step"]), **report)

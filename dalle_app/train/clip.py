@@ -1,0 +1,179 @@
+"""CLIP training: contrastive on (image, caption) pairs, with one hard negative caption per image.
+
+CLIP's job in the app is to rank images generated for *one* prompt, so what it must tell apart
+is "a red square above a blue circle" from the same objects the other way round, or a red square
+from an orange one. Plain in-batch negatives rarely test that, so every image also gets a caption
+that is wrong in exactly one way (objects swapped for two-object scenes; another color or shape
+for one-object scenes), added as an extra text in the image→text softmax. Captions equal to the
+positive (the generator repeats some) share the target mass instead of counting as negatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dalle_app.data import COLORS, SHAPES, ObjectSpec, Sample
+from dalle_app.data import batch as data_batch
+from dalle_app.data import captions as caption_text
+from dalle_app.models.clip import (
+    CLIPConfig,
+    CLIPModule,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    build_clip,
+    init_params,
+    logits_from_embeds,
+    save_clip,
+)
+from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_tokenizer
+from dalle_app.train.common import (
+    OptimConfig,
+    PhaseLog,
+    load_state,
+    make_optimizer,
+    phase_seed,
+    run_loop,
+    remaining,
+    start_state,
+    write_json,
+)
+
+PHASE = "clip"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clamps the learned temperature at 100
+
+
+def model_config(vocab_size: int, image_size: int = 64, width: int = 128, layers: int = 3,
+                 text_length: int = 32, projection: int = 128) -> CLIPConfig:
+    """Small ViT (patch 8) and text transformer; ids as our CLIP tokenizer assigns them
+    (<|startoftext|>=0, <|endoftext|>=1 also padding), pooling at the first <|endoftext|>."""
+    heads = max(1, width // 32)
+    return CLIPConfig(
+        text=CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=text_length, pad_token_id=1, bos_token_id=0, eos_token_id=1),
+        vision=CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                num_attention_heads=heads, image_size=image_size, patch_size=8),
+        projection_dim=projection,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTrainConfig:
+    steps: int | None = 300  # None: as many as fit in `seconds`
+    seconds: float | None = None
+    batch_size: int = 96
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.05
+    save_every: int = 100
+    log_every: int = 20
+    width: int = 128
+    layers: int = 3
+    eval_images: int = 256
+
+
+def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
+    """A caption false for this scene in one respect: swapped objects, or one changed attribute."""
+    if sample.relation is not None:
+        a, b = sample.objects
+        return caption_text.pair_caption(b, sample.relation, a, rng)
+    obj = sample.objects[0]
+    if rng.random() < 0.5:
+        color = str(rng.choice([c for c in COLORS if c != obj.color]))
+        other = ObjectSpec(color, obj.shape, obj.size, obj.center)
+    else:
+        shape = str(rng.choice([s for s in SHAPES if s != obj.shape]))
+        other = ObjectSpec(obj.color, shape, obj.size, obj.center)
+    return caption_text.single_caption(other, rng)
+
+
+def make_batch(seed: int, step: int, n: int, split: str, preprocess: CLIPImagePreprocessor, tokenize) -> dict[str, Any]:
+    """Images (preprocessed exactly as the app does), positive and wrong captions, tokenized."""
+    b = data_batch(phase_seed(seed, f"{PHASE}-{split}", step), n, split)
+    rng = np.random.default_rng(phase_seed(seed, f"{PHASE}-negatives-{split}", step))
+    negatives = [wrong_caption(s, rng) for s in b.samples]
+    ids, mask = tokenize(list(b.captions) + negatives)
+    same = np.array([[x == y for y in b.captions] for x in b.captions], np.float32)
+    return {"pixels": jnp.asarray(preprocess(b.images)), "input_ids": jnp.asarray(ids),
+            "attention_mask": jnp.asarray(mask), "same": jnp.asarray(same)}
+
+
+def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric soft-target contrastive loss; image→text includes the wrong captions as negatives."""
+    image, text, scale = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"])
+    n = image.shape[0]
+    scale = jnp.minimum(scale, MAX_LOGIT_SCALE)
+    targets = batch["same"] / batch["same"].sum(axis=1, keepdims=True)
+    per_image = logits_from_embeds(image, text, scale)  # (n, 2n): positives then wrong captions
+    image_targets = jnp.concatenate([targets, jnp.zeros_like(targets)], axis=1)
+    loss_i = optax.softmax_cross_entropy(per_image, image_targets).mean()
+    loss_t = optax.softmax_cross_entropy(per_image[:, :n].T, targets.T / targets.T.sum(1, keepdims=True)).mean()
+    diag = jnp.diagonal(per_image[:, :n])
+    metrics = {
+        "loss": (loss_i + loss_t) / 2,
+        "retrieval": jnp.mean(batch["same"][jnp.arange(n), jnp.argmax(per_image[:, :n], axis=1)]),
+        "beats_wrong_caption": jnp.mean(diag > jnp.diagonal(per_image[:, n:])),
+        "logit_scale": jnp.exp(scale),
+    }
+    return metrics["loss"], metrics
+
+
+def make_train_step(module: CLIPModule, tx: optax.GradientTransformation):
+    @jax.jit
+    def step(params: Any, opt_state: Any, batch: dict[str, Any]):
+        (_, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(module, p, batch), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: int = 0,
+               deadline: float | None = None, image_size: int = 64) -> tuple[CLIPConfig, Any, dict[str, Any]]:
+    """Train (or resume) CLIP under `out/clip/`; exports `out/clip/model/` (with tokenizer) at every save."""
+    folder = out / PHASE
+    log = PhaseLog(folder, PHASE)
+    t0 = time.time()
+    probe = load_clip_tokenizer(tokenizer_folder)
+    config = model_config(probe.vocab_size, image_size, cfg.width, cfg.layers)
+    tokenizer = load_clip_tokenizer(tokenizer_folder, config.text.max_position_embeddings)
+    preprocess = CLIPImagePreprocessor.for_image_size(image_size)
+    module = build_clip(config)
+    params = init_params(module, jax.random.PRNGKey(phase_seed(seed, "clip-init")))
+    log(0, parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params))))
+
+    def batch_for(step: int, split: str = "train", n: int = cfg.batch_size) -> dict[str, Any]:
+        return make_batch(seed, step, n, split, preprocess, tokenizer)
+
+    optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
+    tx = make_optimizer(optim)
+    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
+    train_step = make_train_step(module, tx)
+
+    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], batch_for(step))
+        return st, metrics
+
+    def export(st: dict[str, Any]) -> None:
+        save_clip(folder / "model", config, st["params"], preprocess)
+        for name in TOKENIZER_FILES:
+            (folder / "model" / name).write_bytes((tokenizer_folder / name).read_bytes())
+
+    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
+                     remaining(cfg.seconds, t0), deadline, export)
+    evaluation = jax.jit(lambda p, b: loss_and_metrics(module, p, b)[1])(state["params"], batch_for(0, "heldout", cfg.eval_images))
+    report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
+              "train_seconds": round(time.time() - t0, 1),
+              **{f"eval_{k}": float(v) for k, v in evaluation.items()}}
+    log(int(state["step"]), **report)
+    write_json(folder / "report.json", report)
+    return config, state["params"], report

@@ -1,0 +1,268 @@
+"""DalleBart training on the trained VQGAN's codes, with blank captions for super-conditioning.
+
+The dataset is rendered once and pre-encoded: N training scenes → VQGAN codes (N, h*w) and
+caption token ids, exactly as the app tokenizes prompts (`TextProcessor`: normalizer, then the
+BPE, padded to max_text_length). Each step draws a batch from it with a step-derived seed and
+replaces ~15% of the captions by the unconditional input, the *raw* empty string tokenized
+without normalization (`<s></s><pad>…`), which is what the app feeds the unconditional branch of
+super-conditioning. The loss is next-code cross-entropy with the decoder fed BOS + codes[:-1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dalle_app.data import batch as data_batch
+from dalle_app.models.dallebart import DalleBart, DalleBartConfig
+from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
+from dalle_app.models.weights import flatten, unflatten
+from dalle_app.train.common import (
+    OptimConfig,
+    PhaseLog,
+    load_state,
+    make_optimizer,
+    phase_seed,
+    run_loop,
+    remaining,
+    start_state,
+    write_json,
+)
+from dalle_app.train.text import CaptionEncoder
+
+PHASE = "dallebart"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "enwiki-words-frequency.txt")
+
+
+def model_config(vqgan: VQGANConfig, encoder_vocab_size: int, max_text_length: int, d_model: int = 128,
+                 encoder_layers: int = 2, decoder_layers: int = 3, heads: int = 4) -> DalleBartConfig:
+    """The published architecture (NormFormer, GLU with ffn ≈ 2.67·d, no biases) at a small size.
+
+    Special ids follow dalle-mini: decoder_start = bos = eos = pad = image_vocab_size (the extra
+    row of the image embedding), image_vocab_size = the VQGAN's n_embed.
+    """
+    ffn = int(round(d_model * 2.67 / 8)) * 8
+    return DalleBartConfig(
+        encoder_vocab_size=encoder_vocab_size, image_vocab_size=vqgan.n_embed,
+        image_length=vqgan.num_codes, max_text_length=max_text_length, d_model=d_model,
+        encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        normalize_text=True, use_scan=True,
+    )
+
+
+def config_json(config: DalleBartConfig) -> dict[str, Any]:
+    """config.json in the layout of the published DALL·E Mini (`model_type` "dallebart")."""
+    d = dataclasses.asdict(config)
+    d.update({
+        "architectures": ["eBart"], "model_type": "dallebart", "is_encoder_decoder": True,
+        "min_length": config.image_length + 1, "max_length": config.image_length + 1,
+        "do_sample": True, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+        "gradient_checkpointing": False, "use_cache": True,
+    })
+    return d
+
+
+def save_dallebart(folder: Path, config: DalleBartConfig, params: Any, tokenizer_folder: Path | None = None) -> None:
+    """Write config.json + flax_model.msgpack (scanned layout, no "params" wrapper), plus the
+    tokenizer files and word list from `tokenizer_folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_json(config), indent=2, sort_keys=True) + "\n")
+    host = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+    tmp = folder / "flax_model.msgpack.tmp"
+    tmp.write_bytes(flax.serialization.msgpack_serialize(host))
+    tmp.replace(folder / "flax_model.msgpack")
+    if tokenizer_folder is not None:
+        for name in TOKENIZER_FILES:
+            (folder / name).write_bytes((tokenizer_folder / name).read_bytes())
+
+
+@dataclasses.dataclass(frozen=True)
+class DalleBartTrainConfig:
+    steps: int | None = 1500  # None: as many as fit in `seconds`
+    seconds: float | None = None
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    blank_caption_prob: float = 0.15
+    num_samples: int = 60_000
+    eval_samples: int = 512
+    save_every: int = 200
+    log_every: int = 25
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 3
+    heads: int = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: rendered once, encoded with the VQGAN, tokenized like the app tokenizes prompts
+
+
+def make_code_encoder(module: VQModel):
+    @jax.jit
+    def encode(params: Any, pixels: jax.Array) -> jax.Array:
+        return module.apply({"params": params}, pixels, method=VQModel.encode_pixels)[0]
+
+    return encode
+
+
+def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEncoder, n: int, seed: int,
+                  split: str, chunk: int = 1024, log: PhaseLog | None = None) -> dict[str, np.ndarray]:
+    """Render `n` scenes of `split`, encode them to codes (n, h*w) uint16 and tokenize their captions."""
+    encode = make_code_encoder(vq_module)
+    codes, ids, masks = [], [], []
+    for c, start in enumerate(range(0, n, chunk)):
+        size = min(chunk, n - start)
+        b = data_batch(phase_seed(seed, f"{PHASE}-data-{split}", c), size, split)
+        pixels = b.images.astype(np.float32) / 255.0
+        for i in range(0, size, 256):
+            part = pixels[i:i + 256]
+            padded = np.concatenate([part, np.zeros((256 - len(part),) + part.shape[1:], np.float32)])
+            codes.append(np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)].astype(np.uint16))
+        tok = captions_to_ids(b.captions)
+        ids.append(tok[0])
+        masks.append(tok[1])
+        if log is not None and (c + 1) % 10 == 0:
+            log(0, encoded=start + size, of=n, split=split)
+    return {"codes": np.concatenate(codes), "input_ids": np.concatenate(ids), "attention_mask": np.concatenate(masks)}
+
+
+def load_or_build_dataset(path: Path, build) -> dict[str, np.ndarray]:
+    """Cache a dataset as .npz so a resumed run does not render and encode it again."""
+    if path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **data)
+    tmp.replace(path)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def decoder_inputs(codes: jax.Array, bos: int) -> jax.Array:
+    """Teacher forcing: BOS followed by all codes but the last."""
+    return jnp.concatenate([jnp.full((codes.shape[0], 1), bos, codes.dtype), codes[:, :-1]], axis=1)
+
+
+def make_loss(module: DalleBart):
+    def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        codes = batch["codes"]
+        logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                              decoder_inputs(codes, module.config.decoder_start_token_id))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
+        return loss, {"loss": loss, "accuracy": accuracy}
+
+    return loss_fn
+
+
+def make_train_step(module: DalleBart, tx: optax.GradientTransformation):
+    loss_fn = make_loss(module)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, batch: dict[str, jax.Array]):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+def sample_batch(data: dict[str, np.ndarray], uncond: tuple[np.ndarray, np.ndarray], seed: int, step: int,
+                 batch_size: int, blank_prob: float) -> dict[str, jax.Array]:
+    """Step `step`'s batch: random rows, ~blank_prob of them with the unconditional caption."""
+    rng = np.random.default_rng(phase_seed(seed, PHASE, step))
+    rows = rng.integers(0, len(data["codes"]), batch_size)
+    ids, mask = data["input_ids"][rows].copy(), data["attention_mask"][rows].copy()
+    blank = rng.random(batch_size) < blank_prob
+    ids[blank], mask[blank] = uncond
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+            "codes": jnp.asarray(data["codes"][rows].astype(np.int32))}
+
+
+def evaluate(module: DalleBart, params: Any, data: dict[str, np.ndarray], uncond: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    """Held-out loss/accuracy with captions, and the loss with blank captions (the gap is what the
+    caption tells the model, the signal super-conditioning amplifies)."""
+    loss_fn = jax.jit(make_loss(module))
+    out: dict[str, list[float]] = {"eval_loss": [], "eval_accuracy": [], "eval_loss_blank": []}
+    n = len(data["codes"]) // 64 * 64
+    for i in range(0, n, 64):
+        rows = slice(i, i + 64)
+        b = {"input_ids": jnp.asarray(data["input_ids"][rows]), "attention_mask": jnp.asarray(data["attention_mask"][rows]),
+             "codes": jnp.asarray(data["codes"][rows].astype(np.int32))}
+        _, m = loss_fn(params, b)
+        out["eval_loss"].append(float(m["loss"]))
+        out["eval_accuracy"].append(float(m["accuracy"]))
+        b["input_ids"] = jnp.asarray(np.tile(uncond[0], (64, 1)))
+        b["attention_mask"] = jnp.asarray(np.tile(uncond[1], (64, 1)))
+        out["eval_loss_blank"].append(float(loss_fn(params, b)[1]["loss"]))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def train_dallebart(
+    out: Path, vq_config: VQGANConfig, vq_params: Any, tokenizer_folder: Path, max_text_length: int,
+    cfg: DalleBartTrainConfig, seed: int = 0, deadline: float | None = None,
+) -> tuple[DalleBartConfig, Any, dict[str, Any]]:
+    """Train (or resume) DalleBart under `out/dallebart/`; exports `out/dallebart/model/` at every save."""
+    folder = out / PHASE
+    log = PhaseLog(folder, PHASE)
+    t0 = time.time()
+    captions_to_ids = CaptionEncoder(tokenizer_folder, max_text_length)
+    config = model_config(vq_config, captions_to_ids.vocab_size, max_text_length, cfg.d_model,
+                          cfg.encoder_layers, cfg.decoder_layers, cfg.heads)
+    vq_module = build_vqgan(vq_config)
+    data = load_or_build_dataset(folder / "train_codes.npz", lambda: encode_scenes(
+        vq_module, vq_params, captions_to_ids, cfg.num_samples, seed, "train", log=log))
+    eval_data = load_or_build_dataset(folder / "heldout_codes.npz", lambda: encode_scenes(
+        vq_module, vq_params, captions_to_ids, cfg.eval_samples, seed, "heldout"))
+    t_data = time.time() - t0
+    log(0, dataset=len(data["codes"]), dataset_seconds=round(t_data, 1))
+    uncond = captions_to_ids.unconditional()
+
+    module = DalleBart(config)
+    text = jnp.ones((1, max_text_length), jnp.int32)
+    params = jax.jit(module.init)(jax.random.PRNGKey(phase_seed(seed, "dallebart-init")), text, text,
+                                  jnp.ones((1, config.image_length), jnp.int32))["params"]
+    log(0, parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params))))
+
+    optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
+    tx = make_optimizer(optim)
+    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
+    train_step = make_train_step(module, tx)
+
+    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        b = sample_batch(data, uncond, seed, step, cfg.batch_size, cfg.blank_caption_prob)
+        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], b)
+        return st, metrics
+
+    def export(st: dict[str, Any]) -> None:
+        save_dallebart(folder / "model", config, st["params"], tokenizer_folder)
+        log(int(st["step"]), **evaluate(module, st["params"], eval_data, uncond))
+
+    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
+                     remaining(cfg.seconds, t0), deadline, export)
+    report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
+              "dataset": len(data["codes"]), "dataset_seconds": round(t_data, 1),
+              "train_seconds": round(time.time() - t0, 1),
+              **evaluate(module, state["params"], eval_data, uncond)}
+    log(int(state["step"]), **report)
+    write_json(folder / "report.json", report)
+    return config, state["params"], report

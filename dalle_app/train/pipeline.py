@@ -1,0 +1,105 @@
+"""The phases in order (tokenizers → VQGAN → CLIP → DalleBart → export), with budgets and timings.
+
+Each phase reads what the earlier ones wrote under `--out` (tokenizers, `vqgan/model/`), so a
+phase can be run alone, and `all` can be re-run to resume. CLIP trains before DalleBart so a run
+cut short still has every model; DalleBart gets the remaining budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dalle_app.train.profiles import Profile
+
+ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
+ORDER = ("tokenizers", "vqgan", "clip", "dallebart")
+DEADLINE_SLACK = 1.15  # a phase sized from the budget is stopped (after saving) past this factor
+
+
+def _train_config(profile: Profile, phase: str, steps: int | None, seconds: float | None, batch_size: int | None):
+    cfg = getattr(profile, phase)
+    changes: dict[str, Any] = {}
+    if steps is not None:
+        changes.update(steps=steps, seconds=None)
+    elif seconds is not None:
+        changes.update(steps=None, seconds=seconds)
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    return dataclasses.replace(cfg, **changes)
+
+
+def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int | None],
+        budget: float | None, batch_size: int | None, assets: Path | None) -> dict[str, float]:
+    """Run one phase (or `all`), return seconds per phase."""
+    from dalle_app.models.vqgan import load_vqgan
+    from dalle_app.train.clip import train_clip
+    from dalle_app.train.dallebart import train_dallebart
+    from dalle_app.train.text import build_tokenizers
+    from dalle_app.train.vqgan import train_vqgan
+
+    phases = ORDER if phase == "all" else (() if phase == "export" else (phase,))
+    t_all = time.time()
+    shares = dict(profile.budget_shares)
+    timings: dict[str, float] = {}
+    tokenizers = out / "tokenizers"
+    for name in phases:
+        t0 = time.time()
+        seconds = deadline = None
+        if budget is not None and name in shares and steps.get(name) is None:
+            if name == "dallebart":  # whatever is left, less a margin for the final evaluation/export
+                seconds = max(60.0, budget - (time.time() - t_all) - 60.0) if phase == "all" else budget * shares[name]
+            else:
+                seconds = budget * shares[name]
+            deadline = t0 + seconds * DEADLINE_SLACK
+        if name == "tokenizers":
+            if not (tokenizers / "report.json").is_file():
+                build_tokenizers(out, seed, profile.tokenizer_captions, profile.tokenizer_vocab_size)
+        elif name == "vqgan":
+            train_vqgan(out, profile.vqgan_model, _train_config(profile, name, steps.get(name), seconds, batch_size),
+                        seed, deadline)
+        elif name == "clip":
+            _require(tokenizers / "report.json", "tokenizers")
+            train_clip(out, tokenizers / "clip", _train_config(profile, name, steps.get(name), seconds, batch_size),
+                       seed, deadline, profile.vqgan_model.resolution)
+        elif name == "dallebart":
+            _require(tokenizers / "report.json", "tokenizers")
+            _require(out / "vqgan" / "model" / "flax_model.msgpack", "vqgan")
+            vq = load_vqgan(out / "vqgan" / "model")
+            train_dallebart(out, vq.config, vq.params, tokenizers / "dalle", profile.max_text_length,
+                            _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline)
+        timings[name] = round(time.time() - t0, 1)
+        print(f"[train] {name} took {timings[name]} s", flush=True)
+    if assets is not None and phase in ("all", "export"):
+        t0 = time.time()
+        export(out, assets)
+        timings["export"] = round(time.time() - t0, 1)
+    return timings
+
+
+def _require(path: Path, phase: str) -> None:
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python -m dalle_app.train {phase} --out {path.parents[1]}` first "
+                         "(or `all`)")
+
+
+def export(out: Path, assets: Path) -> dict[str, int]:
+    """Copy each phase's latest exported model to `assets/<name>-embedded/`; returns bytes per folder."""
+    sizes = {}
+    for phase, name in ASSET_FOLDERS.items():
+        source = out / phase / "model"
+        if not source.is_dir():
+            print(f"[export] {source} does not exist yet; {name} left as it is", flush=True)
+            continue
+        target = assets / name
+        staging = assets / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        sizes[name] = sum(f.stat().st_size for f in target.iterdir())
+        print(f"[export] {source} -> {target} ({sizes[name] / 1e6:.2f} MB)", flush=True)
+    return sizes

@@ -1,0 +1,64 @@
+"""Model sizes, batch sizes and step counts for each kind of machine (`--profile`).
+
+- `cpu`: what fits about 90 minutes on 2 CPU cores (the shipped assets).
+- `gpu`: one modern GPU for a few minutes: bigger models, batches and dataset.
+- `tiny`: seconds-long runs for the tests.
+
+`budget_shares` split `--minutes-budget` between the phases; DalleBart, the part the prompt
+quality depends on, gets the most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dalle_app.models.vqgan import VQGANConfig
+from dalle_app.train.clip import CLIPTrainConfig
+from dalle_app.train.dallebart import DalleBartTrainConfig
+from dalle_app.train.vqgan import VQGANTrainConfig, default_model_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    vqgan_model: VQGANConfig
+    vqgan: VQGANTrainConfig
+    clip: CLIPTrainConfig
+    dallebart: DalleBartTrainConfig
+    max_text_length: int = 24
+    tokenizer_captions: int = 20_000
+    tokenizer_vocab_size: int = 512
+    budget_shares: tuple[tuple[str, float], ...] = (("vqgan", 0.17), ("clip", 0.11), ("dallebart", 0.72))
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        vqgan_model=default_model_config(),
+        vqgan=VQGANTrainConfig(steps=1500, batch_size=8),
+        clip=CLIPTrainConfig(steps=250, batch_size=96),
+        dallebart=DalleBartTrainConfig(steps=1500, batch_size=64, num_samples=60_000),
+    ),
+    "gpu": Profile(
+        vqgan_model=VQGANConfig(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                                z_channels=128, n_embed=512, embed_dim=32),
+        vqgan=VQGANTrainConfig(steps=3000, batch_size=64, lr=1e-3, restart_every=100, save_every=500, log_every=100),
+        clip=CLIPTrainConfig(steps=1500, batch_size=256, width=192, layers=4, save_every=500, log_every=100),
+        dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,
+                                       save_every=1000, log_every=100, d_model=256, encoder_layers=3,
+                                       decoder_layers=4, heads=8),
+        budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.7)),
+    ),
+    "tiny": Profile(
+        vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(), resolution=64,
+                                z_channels=32, n_embed=32, embed_dim=8),
+        vqgan=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, init_codebook_at=1, restart_every=2, save_every=3,
+                               log_every=3, eval_images=8),
+        clip=CLIPTrainConfig(steps=6, batch_size=8, warmup=2, save_every=3, log_every=3, width=32, layers=1,
+                             eval_images=8),
+        dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,
+                                       save_every=3, log_every=3, d_model=32, encoder_layers=1, decoder_layers=1,
+                                       heads=2),
+        max_text_length=16,
+        tokenizer_captions=500,
+        tokenizer_vocab_size=300,
+    ),
+}
