@@ -1,12 +1,13 @@
 """A programmatic judge of images of the procedural world: which objects are where.
 
 It is how the embedded model is evaluated without a human: find the colored objects on the light
-background, name their color, shape and size, and read relations from their centroids.
+background, name their color, shape and size, and read relations from their positions.
 
 * Foreground: pixels far (RGB distance) from the background, estimated as the median of the
   image border, so soft or tinted backgrounds of generated images still work.
 * Objects: 4-connected components of the foreground, tiny blobs ignored. A component whose strong
-  pixels have two dominant colors (two generated objects touching) is split by color.
+  pixels have two dominant colors in different places (two generated objects touching) is split
+  by color; two colors mixed in one place (a color drifting between two palette entries) are not.
 * Color: the mean of a component's strongest pixels, nearest palette color; too far from every
   palette color means "unknown" (None), which never matches a prompt.
 * Shape: the component's coverage (estimated alpha) cropped to its box and resized to 16x16, then
@@ -33,7 +34,8 @@ FOREGROUND_DISTANCE = 80.0  # RGB distance from the background that makes a pixe
 MIN_AREA = 20  # components smaller than this (pixels) are noise
 COLOR_TOLERANCE = 120.0  # farther than this from every palette color: color unknown
 STRONG_FRACTION = 0.6  # pixels with distance >= this x the component's 90th percentile are "strong"
-SPLIT_SHARE = 0.25  # a second color owning this share of strong pixels splits a component
+SPLIT_SHARE = 0.25  # a second color owning this share of strong pixels splits a component ...
+SPLIT_DISTANCE = 6.0  # ... when the two colors' centroids are at least this many pixels apart
 TEMPLATE_RES = 16
 TEMPLATE_BLURS = (0.0, 0.8, 1.3)  # Gaussian radii (pixels) of the blurred shape references
 LARGE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
@@ -94,6 +96,13 @@ def _direction_labels(pixels_rgb: np.ndarray, background: np.ndarray, candidates
     refs = _PALETTE[candidates] - background
     refs = refs / (np.linalg.norm(refs, axis=-1, keepdims=True) + 1e-6)
     return np.asarray(candidates)[np.argmax(offsets @ refs.T, axis=-1)]
+
+
+def _coverage(pixels_rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per pixel, how much of its direction-nearest palette color covers it (0 = background, 1 = full)."""
+    labels = _direction_labels(pixels_rgb, background, list(range(len(_PALETTE))))
+    refs = _PALETTE[labels] - background
+    return ((pixels_rgb - background) * refs).sum(-1) / ((refs * refs).sum(-1) + 1e-6)
 
 
 def _normalized_crop(alpha: np.ndarray) -> np.ndarray:
@@ -195,10 +204,16 @@ def detect(image: np.ndarray) -> list[Detection]:
             continue
         rows, cols = pixels[:, 0], pixels[:, 1]
         d = distance[rows, cols]
-        strong = d >= STRONG_FRACTION * np.percentile(d, 90)
+        # strong: near the component's peak, or close to full coverage of its own palette color
+        # (a pale color next to a dark one is never near the component's peak)
+        strong = (d >= STRONG_FRACTION * np.percentile(d, 90)) | (_coverage(rgb[rows, cols], background) >= STRONG_FRACTION)
         labels = np.array([_nearest_color(p)[0] for p in rgb[rows[strong], cols[strong]]])
         values, counts = np.unique(labels, return_counts=True)
         dominant = [int(v) for v, n in zip(values, counts) if n >= SPLIT_SHARE * strong.sum() and n >= MIN_AREA / 2]
+        if len(dominant) == 2:
+            centroids = [pixels[strong][labels == label].mean(axis=0) for label in dominant]
+            if np.hypot(*(centroids[0] - centroids[1])) < SPLIT_DISTANCE:
+                dominant = []
         if len(dominant) < 2:
             found.append(_describe(pixels, rgb, distance, None))
             continue

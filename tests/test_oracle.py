@@ -82,3 +82,17 @@ def test_every_heldout_prompt_is_recognised_on_its_ground_truth_render():
         assert satisfies(truth.image, prompt), prompt.text
         if prompt.relation is not None:
             assert not satisfies(truth.image, Prompt("", prompt.targets, flipped[prompt.relation], "relation"))
+
+
+@pytest.mark.parametrize("pair", [("red", "pink"), ("orange", "yellow"), ("purple", "blue"), ("green", "cyan")])
+def test_touching_objects_of_different_colors_are_split(pair):
+    """Generated objects may touch: one blob of two colors side by side is two objects."""
+    from dalle_app.data.shapes import render
+    from dalle_app.data.world import ObjectSpec
+
+    rng = np.random.default_rng(0)
+    for shape_a, shape_b in (("square", "circle"), ("star", "cross")):
+        a = ObjectSpec(pair[0], shape_a, "large", (20.0, 32.0))
+        b = ObjectSpec(pair[1], shape_b, "large", (43.0, 32.0))  # boxes touch
+        found = detect(render([a, b], [24, 24], rng))
+        assert sorted((d.color, d.shape) for d in found) == sorted([(a.color, a.shape), (b.color, b.shape)])
