@@ -56,6 +56,7 @@ class Judged:
     correct: list[bool]
     objects_present: list[bool]  # relation prompts: both objects there, relation ignored
     scores: list[float]
+    images: list[np.ndarray]
 
 
 class PipelineGenerator:
@@ -132,7 +133,7 @@ def judge(prompts: Sequence[Prompt], generate: Generator, images_per_prompt: int
             correct.append(satisfies(image, prompt))
             found = detect(image)
             present.append(all(any(matches(d, t) for d in found) for t in prompt.targets))
-        judged.append(Judged(prompt, correct, present, [s for _, s in ranked]))
+        judged.append(Judged(prompt, correct, present, [s for _, s in ranked], [im for im, _ in ranked]))
     return judged
 
 
@@ -179,8 +180,12 @@ def evaluate(
     n_seen_prompts: int = 8,
     generator: Generator | None = None,
     ground_truth_samples: int = GROUND_TRUTH_SAMPLES,
+    grid_path: str | None = None,
 ) -> dict[str, float | int | None]:
-    """All figures of the module docstring; ``generator`` None means the shipped model."""
+    """All figures of the module docstring; ``generator`` None means the shipped model.
+
+    ``grid_path``: also save the held-out prompts' images there as a PNG grid (see save_grid).
+    """
     started = time.perf_counter()
     prompts = heldout_prompts(n_prompts, seed=seed)
     seen = seen_prompts(n_seen_prompts, seed=seed)
@@ -188,6 +193,8 @@ def evaluate(
     loaded = time.perf_counter()
     judged = judge(prompts, generate, images_per_prompt, seed) if prompts else []
     seen_judged = judge(seen, generate, images_per_prompt, seed + 1) if seen else []
+    if grid_path and judged:
+        save_grid(judged, grid_path)
     figures = {
         "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, seed),
         "oracle_vqgan_roundtrip_accuracy": (
@@ -201,6 +208,22 @@ def evaluate(
         "total_s": round(time.perf_counter() - started, 2),
     }
     return figures
+
+
+def save_grid(judged: list[Judged], path: str) -> None:
+    """One row per prompt, its images best-ranked first, framed green (correct) or red (wrong)."""
+    from PIL import Image
+
+    cell = 68
+    columns = max(len(j.images) for j in judged)
+    grid = np.full((cell * len(judged), cell * columns, 3), 255, np.uint8)
+    for row, j in enumerate(judged):
+        for col, (image, ok) in enumerate(zip(j.images, j.correct)):
+            framed = np.empty((cell, cell, 3), np.uint8)
+            framed[:] = (40, 170, 60) if ok else (210, 40, 40)
+            framed[2:-2, 2:-2] = np.asarray(Image.fromarray(image).resize((cell - 4, cell - 4)))
+            grid[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = framed
+    Image.fromarray(grid).save(path)
 
 
 def _table(figures: dict) -> str:
@@ -220,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the pipeline's)")
+    parser.add_argument("--save-grid", metavar="PNG", default=None,
+                        help="save the held-out images (rows: prompts; frames: green correct, red wrong)")
     parser.add_argument("--generator", choices=["model", "truth"], default="model",
                         help="'truth' renders ground truth instead of sampling: checks the harness")
     args = parser.parse_args(argv)
@@ -232,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = {k: v for k, v in (("top_k", args.top_k), ("cond_scale", args.cond_scale),
                                       ("temperature", args.temperature)) if v is not None}
         generator = PipelineGenerator(**settings)
-    figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator)
+    figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator,
+                       grid_path=args.save_grid)
     figures["generator"] = args.generator
     if args.json:
         print(json.dumps(figures))
