@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 class _StderrBar:
     """A plain progress bar for when tqdm is not installed."""
 
-    def __init__(self, total: int, desc: str, stream: TextIO = sys.stderr) -> None:
-        self.total, self.desc, self.stream, self.n = total, desc, stream, 0
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.total, self.desc, self.stream, self.n = total, desc, stream or sys.stderr, 0
 
     def update(self, n: int) -> None:
         self.n += n
@@ -73,7 +73,10 @@ def _catalog_with(model: str | None, catalog: Catalog) -> Catalog:
         return catalog
     from dalle_app.hub import describe_availability
 
-    extra = check_entry(entry_for(model), describe_availability)
+    try:
+        extra = check_entry(entry_for(model), describe_availability)
+    except ValueError as e:
+        raise SystemExit(f"error: --model {e}") from None
     return Catalog([*catalog.entries.values(), extra], catalog.default)
 
 

@@ -50,7 +50,7 @@ EXAMPLES = [
     "a purple diamond",
 ]
 
-CSS = "#gallery {min-height: 320px} .notice {font-size: 0.9em}"
+CSS = "#gallery {min-height: 320px} #gallery img {image-rendering: pixelated} .notice {font-size: 0.9em}"
 
 
 def _error(message: str) -> gr.Error:
@@ -240,7 +240,8 @@ class Handlers:
             return "Unknown model."
         if not entry.available:
             return f"⚠️ **{entry.name}** cannot be used here: {html.escape(entry.reason, quote=False)}"
-        return f"**{entry.name}**: {html.escape(entry.note, quote=False)}" if entry.note else f"**{entry.name}**"
+        note = f" ({html.escape(entry.note, quote=False)})" if entry.note else ""
+        return f"Model **{entry.name}**: {html.escape(entry.label, quote=False)}{note}"
 
 
 def availability_markdown(catalog: Catalog) -> str:
@@ -263,7 +264,7 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 max_length=None, autofocus=True, elem_id="prompt",
             )
             run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-            stop = gr.Button("Stop", variant="stop", scale=0, elem_id="stop")
+            stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop")
         with gr.Accordion("Advanced settings", open=False):
             negative = gr.Textbox(label="Negative prompt", placeholder="what the images should not show",
                                   lines=1, max_lines=2)

@@ -19,9 +19,10 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
 def make_tiny_models(root: Path) -> dict[str, str]:
     """Write the tiny model set under `root`; returns the parts of a catalog entry."""
-    import jax
+    import numpy as np
 
-    from dalle_app.models.vqgan import VQGANConfig, build_vqgan, init_params, save_vqgan
+    from dalle_app.models.vqgan import VQGANConfig, param_shapes, save_vqgan
+    from dalle_app.models.weights import unflatten
 
     root.mkdir(parents=True, exist_ok=True)
     dalle, vqgan, clip = root / "dalle", root / "vqgan", root / "clip"
@@ -33,7 +34,10 @@ def make_tiny_models(root: Path) -> dict[str, str]:
     if not (vqgan / "config.json").exists():
         config = VQGANConfig(ch=32, num_res_blocks=1, resolution=16, z_channels=8, ch_mult=(1, 2, 2),
                              attn_resolutions=(), n_embed=64, embed_dim=8)
-        save_vqgan(vqgan, config, init_params(build_vqgan(config), jax.random.PRNGKey(0)))
+        rng = np.random.default_rng(0)  # random weights without compiling the model's init
+        flat = {path: (np.ones(shape) if path.endswith("scale") else rng.normal(0, 0.2, shape)).astype(np.float32)
+                for path, shape in param_shapes(config).items()}
+        save_vqgan(vqgan, config, unflatten(flat))
     return {"dalle": str(dalle), "vqgan": str(vqgan), "clip": str(clip)}
 
 

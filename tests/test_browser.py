@@ -1,0 +1,93 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright, against the live app.
+
+Uses the embedded default model when assets/ holds it, else the tiny random set. Set
+DALLE_APP_SCREENSHOT=path to keep a screenshot of the filled gallery (for the README).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelPool, check_entry, load_scheduler
+from dalle_app.hub import describe_availability
+from dalle_app.ui import Handlers, build_app
+from tests.app_support import make_tiny_models, serve
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)"),
+]
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    embedded = check_entry(ModelEntry(EMBEDDED, "Embedded default", {"dalle": None, "vqgan": None, "clip": None}),
+                           describe_availability)
+    entry = embedded if embedded.available else ModelEntry("tiny", "Tiny random", make_tiny_models(root / "tiny"))
+    catalog = Catalog([entry], entry.name)
+    pool = ModelPool(catalog, load_scheduler)
+    pool.get(entry.name).pipeline.warmup((4,))
+    demo = build_app(catalog, pool, handlers=Handlers(catalog, pool, grid_dir=root / "grids"))
+    with serve(demo) as url:
+        yield url
+
+
+@pytest.fixture()
+def page(app_url, tmp_path):
+    with playwright_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
+            viewport={"width": 1100, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.goto(app_url)
+            yield page
+        finally:
+            context.close()
+
+
+def open_advanced_and_set_images(page, n: int) -> None:
+    page.get_by_text("Advanced settings").click()
+    box = page.get_by_label("Number of images").first
+    box.fill(str(n))
+    box.press("Tab")
+
+
+def test_type_a_prompt_click_generate_and_see_the_ranked_gallery(page, tmp_path):
+    expect = playwright_api.expect
+    open_advanced_and_set_images(page, 4)
+    page.get_by_label("Prompt", exact=True).fill("a red square above a blue circle")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery img")).to_have_count(4, timeout=240_000)
+    expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_be_visible(timeout=60_000)
+    expect(page.locator("#download-grid")).to_be_visible(timeout=60_000)
+    shot = tmp_path / "screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("DALLE_APP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["DALLE_APP_SCREENSHOT"])
+
+
+def test_enter_submits_and_an_empty_prompt_shows_the_reason(page):
+    expect = playwright_api.expect
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("   ")
+    prompt.press("Enter")
+    expect(page.get_by_text("Please enter a prompt").first).to_be_visible(timeout=30_000)
+    open_advanced_and_set_images(page, 1)
+    prompt.fill("a green star")
+    prompt.press("Enter")
+    expect(page.locator("#gallery img")).to_have_count(1, timeout=240_000)

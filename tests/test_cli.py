@@ -1,0 +1,106 @@
+"""`python -m dalle_app`: options, validation, progress, the grid PNG and its metadata."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dalle_app import cli
+from dalle_app import images as pngs
+from dalle_app.catalog import Catalog, ModelEntry, ModelPool, load_scheduler
+from tests.app_support import make_tiny_models, tiny_model_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture()
+def pool(tiny):
+    return ModelPool(Catalog([ModelEntry("tiny", "Tiny", tiny)], "tiny"), load_scheduler)
+
+
+def test_cli_writes_a_grid_png_with_the_prompt_and_parameters(pool, tmp_path, capsys):
+    out = tmp_path / "out" / "grid.png"
+    code = cli.main(["a red square above a blue circle", "--images", "3", "--seed", "11", "--top-k", "20",
+                     "--negative-prompt", "green", "--temperature", "0.8", "--cond-scale", "4", "--out", str(out),
+                     "--save-images", str(tmp_path / "each")], pool=pool)
+    assert code == 0
+    meta = pngs.read_metadata(out)
+    assert meta["prompt"] == "a red square above a blue circle" and meta["negative_prompt"] == "green"
+    assert (meta["num_images"], meta["seed"], meta["top_k"], meta["temperature"], meta["cond_scale"]) == (3, 11, 20, 0.8, 4.0)
+    assert sorted(meta["seeds"]) == [11, 12, 13] and len(meta["scores"]) == 3
+    with Image.open(out) as grid:
+        assert grid.text[pngs.PROMPT_KEY] == "a red square above a blue circle"
+        assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    singles = sorted((tmp_path / "each").glob("*.png"))
+    assert len(singles) == 3 and pngs.read_metadata(singles[0])["rank"] == 1
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert len(lines) == 3 and all(f"seed {s}" in line for s, line in zip(meta["seeds"], lines))
+    assert "generating" in printed.err  # the progress bar
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["   "], "Please enter a prompt"),
+        (["x", "--images", "40"], "num_images must be a whole number from 1 to 16"),
+        (["x", "--top-p", "0"], "top_p must be a number greater than 0"),
+        (["x", "--seed", "-7"], "seed must be -1 (random)"),
+        (["x", "--temperature", "nan"], "temperature must be"),
+    ],
+)
+def test_cli_rejects_bad_options_with_the_same_messages(pool, args, message, capsys):
+    assert cli.main(args, pool=pool) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_a_model_that_cannot_load(tiny, tmp_path, capsys):
+    broken = ModelPool(Catalog([ModelEntry("gone", "Gone", tiny | {"dalle": str(tmp_path / "nope")})], "gone"),
+                       load_scheduler)
+    assert cli.main(["a red square"], pool=broken) == 1
+    assert "Could not load model 'gone'" in capsys.readouterr().err
+
+
+def test_stderr_bar_without_tqdm(capsys):
+    bar = cli._StderrBar(4, "generating")
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    assert "[" + "#" * 30 + "] 4/4" in capsys.readouterr().err
+
+
+def test_python_dash_m_with_a_model_folder(tiny, tmp_path):
+    """The real entry point, in a fresh process, with the model given as dalle+vqgan+clip folders."""
+    out = tmp_path / "grid.png"
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dalle_app", "a purple diamond", "--images", "2", "--seed", "5",
+         "--model", tiny_model_spec(tiny), "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pngs.read_metadata(out)["seeds"] in ([5, 6], [6, 5])
+    assert "seed 5" in done.stdout and "seed 6" in done.stdout
+
+
+def test_grid_shape_and_unicode_metadata(tmp_path):
+    assert [pngs.grid_shape(n) for n in (1, 2, 3, 4, 9, 10, 16)] == [
+        (1, 1), (2, 1), (2, 2), (2, 2), (3, 3), (4, 3), (4, 4)]
+    tiles = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
+    path = pngs.save_png(pngs.make_grid(tiles, padding=0), tmp_path / "g.png", {"prompt": "مربع أحمر 🟥"})
+    assert pngs.read_metadata(path) == {"prompt": "مربع أحمر 🟥"}
+    with Image.open(path) as im:
+        assert im.getpixel((0, 0)) == (255, 0, 0) and im.getpixel((12, 0)) == (0, 0, 255)
+        assert im.getpixel((12, 12)) == (255, 255, 255)  # the empty fourth cell
+    with pytest.raises(ValueError):
+        pngs.grid_shape(0)
