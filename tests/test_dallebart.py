@@ -169,8 +169,8 @@ def _reference_logits(reference_dir: Path, fixture: str) -> tuple[dict, np.ndarr
 
 
 def _teacher_forced(model, exp: dict) -> jax.Array:
-    hidden = model.encode(model.params, exp["input_ids"], exp["attention_mask"])
-    return model.decode(model.params, exp["decoder_input_ids"], hidden, exp["attention_mask"])
+    hidden = jax.jit(model.encode)(model.params, exp["input_ids"], exp["attention_mask"])
+    return jax.jit(model.decode)(model.params, exp["decoder_input_ids"], hidden, exp["attention_mask"])
 
 
 @pytest.mark.parametrize("stored", ["float16", "bfloat16"])
@@ -205,8 +205,8 @@ def test_half_precision_compute_stays_close_to_float32(reference_dir: Path, comp
     assert err < rel_tol * np.abs(want).max(), err
 
     # the cached step path runs in the same dtype and stays close to teacher forcing
-    hidden = model.encode(model.params, exp["input_ids"], exp["attention_mask"])
-    cross = model.cross_kv(model.params, hidden)
+    hidden = jax.jit(model.encode)(model.params, exp["input_ids"], exp["attention_mask"])
+    cross = jax.jit(model.cross_kv)(model.params, hidden)
     cache = model.init_cache(exp["input_ids"].shape[0])
     assert cache.k.dtype == compute and cross.k.dtype == compute
     logits, cache = jax.jit(model.decode_step)(model.params, jnp.asarray(exp["decoder_input_ids"][:, 0]),
@@ -232,17 +232,19 @@ SMALL = dict(encoder_vocab_size=30, image_vocab_size=20, image_length=6, max_tex
 @pytest.mark.parametrize(
     ("flags", "present", "absent"),
     [
-        ({}, ["model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/kernel"], ["q_proj/bias", "head_scale"]),
-        ({"use_bias": True}, ["model/encoder/layers/FlaxBartEncoderLayers/FlaxBartAttention_0/q_proj/bias",
-                              "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/bias"], ["lm_head/bias"]),
-        ({"use_head_scale": True}, ["model/decoder/layers/FlaxBartDecoderLayers/FlaxBartAttention_1/head_scale"], []),
-        ({"use_glu": False}, ["model/encoder/layers/FlaxBartEncoderLayers/FFN_0/Dense_1/kernel"], ["GLU_0"]),
-        ({"force_ln_scale": True}, ["model/encoder/final_ln/scale",
-                                    "model/encoder/layers/FlaxBartEncoderLayers/LayerNorm_0/scale"], []),
-        ({"use_final_ln_decoder": False, "use_absolute_position_embeddings": False},
-         ["model/encoder/final_ln/bias"], ["model/decoder/final_ln", "embed_positions"]),
-        ({"scale_embedding": True, "activation_function": "gelu_new"}, ["lm_head/kernel"], []),
-        ({"activation_function": "relu", "use_subln_init": True}, ["lm_head/kernel"], []),
+        ({}, ["model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/kernel", "model/decoder/final_ln/bias"],
+         ["proj/bias", "Dense_2/bias", "head_scale", "final_ln/scale", "LayerNorm_0/scale"]),
+        ({"use_bias": True, "use_head_scale": True, "force_ln_scale": True, "scale_embedding": True,
+          "activation_function": "gelu_new"},
+         ["model/encoder/layers/FlaxBartEncoderLayers/FlaxBartAttention_0/q_proj/bias",
+          "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/bias",
+          "model/decoder/layers/FlaxBartDecoderLayers/FlaxBartAttention_1/head_scale",
+          "model/encoder/final_ln/scale", "model/encoder/layers/FlaxBartEncoderLayers/LayerNorm_0/scale"],
+         ["lm_head/bias"]),
+        ({"use_glu": False, "activation_function": "relu", "use_subln_init": True,
+          "use_final_ln_decoder": False, "use_absolute_position_embeddings": False},
+         ["model/encoder/layers/FlaxBartEncoderLayers/FFN_0/Dense_1/kernel", "model/encoder/final_ln/bias"],
+         ["GLU_0", "model/decoder/final_ln", "embed_positions"]),
     ],
 )
 def test_implemented_flags(flags: dict, present: list[str], absent: list[str]) -> None:
@@ -251,22 +253,26 @@ def test_implemented_flags(flags: dict, present: list[str], absent: list[str]) -
     text = jnp.asarray(np.random.default_rng(0).integers(0, 30, (3, 5)), jnp.int32)
     mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], jnp.int32)
     image = jnp.asarray(np.random.default_rng(1).integers(0, 21, (3, 6)), jnp.int32)
-    params = module.init(jax.random.PRNGKey(0), text, mask, image)["params"]
-    # perturb every parameter so that ones/zeros inits (scales, biases, head_scale) matter
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    # random weights (no module.init: slow to run eagerly); scales near 1 so that norms matter
+    rng = np.random.default_rng(2)
+    params = weights.unflatten({
+        path: jnp.asarray((path.endswith("scale") + 0.3 * rng.standard_normal(leaf.shape)).astype(np.float32))
+        for path, leaf in abstract_params(config).items()
+    })
     names = list(weights.flatten(params))
     for p in present:
         assert p in names
     for a in absent:
         assert not any(a in n for n in names), a
 
-    apply = lambda method, *args: module.apply({"params": params}, *args, method=method)  # noqa: E731
-    hidden = apply("encode", text, mask)
-    teacher = apply("decode", image, hidden, mask)
-    cross, cache = apply("cross_kv", hidden), init_cache(config, 3)
+    def apply(method: str):
+        return jax.jit(lambda *args: module.apply({"params": params}, *args, method=method))
+
+    hidden = apply("encode")(text, mask)
+    teacher = apply("decode")(image, hidden, mask)
+    cross, cache = apply("cross_kv")(hidden), init_cache(config, 3)
     assert isinstance(cross, KV) and cross.k.shape == (2, 3, 5, 4, 4)
+    step = apply("decode_step")
     for t in range(6):
-        logits, cache = apply("decode_step", image[:, t], t, cache, cross, mask)
+        logits, cache = step(image[:, t], jnp.int32(t), cache, cross, mask)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(teacher[:, t]), atol=1e-5)
