@@ -220,10 +220,15 @@ def _upsample_nearest(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
-# Which of the 3 kernel rows (or columns) of a 3x3 conv applied after nearest x2 upsampling land on
-# input row i-1+r (r = 0, 1) for output rows of parity a: rows 2i-1, 2i, 2i+1 of the upsampled
-# image are input rows i-1, i, i for a = 0 and i, i, i+1 for a = 1 (ky = 0, 1, 2).
-_SUBPIXEL_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)  # (a, r, ky)
+def _fold_taps(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Fold a 3-tap kernel axis into the 2 taps each output parity reads after nearest x2 upsampling.
+
+    Rows 2i-1, 2i, 2i+1 of the upsampled image are input rows i-1, i, i (even output rows) and
+    i, i, i+1 (odd ones), so even rows use taps (w0, w1+w2) on input rows (i-1, i) and odd rows
+    use (w0+w1, w2) on input rows (i, i+1).
+    """
+    t0, t1, t2 = (jax.lax.index_in_dim(w, k, axis) for k in range(3))
+    return jnp.concatenate([t0, t1 + t2], axis), jnp.concatenate([t0 + t1, t2], axis)
 
 
 class UpsampleConv(nn.Module):
@@ -242,15 +247,13 @@ class UpsampleConv(nn.Module):
         b, h, w, c = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        taps = jnp.asarray(_SUBPIXEL_TAPS)
-        # (a, b, r, s, Cin, Cout): one 2x2 kernel per output phase
-        phase_kernels = jnp.einsum("ary,bsx,yxio->abrsio", taps, taps, kernel.astype(jnp.float32))
+        phase_kernels = [_fold_taps(rows, 1) for rows in _fold_taps(kernel.astype(self.dtype), 0)]  # [a][b]: 2x2
         xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         rows = []
         for a in range(2):
             cols = [
                 jax.lax.conv_general_dilated(
-                    xp[:, a:a + h + 1, p:p + w + 1], phase_kernels[a, p].astype(self.dtype), (1, 1), "VALID",
+                    xp[:, a:a + h + 1, p:p + w + 1], phase_kernels[a][p], (1, 1), "VALID",
                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 )
                 for p in range(2)
