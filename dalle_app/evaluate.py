@@ -60,12 +60,16 @@ class Judged:
 
 
 class PipelineGenerator:
-    """The shipped embedded model: DallePipeline.from_pretrained() with the given sampling settings."""
+    """The shipped embedded model: DallePipeline.from_pretrained() with the given sampling settings.
 
-    def __init__(self, **settings: float) -> None:
+    ``models`` may name other folders ({"dalle": ..., "vqgan": ..., "clip": ...}), e.g. a training
+    run's exports, to evaluate them before they are shipped.
+    """
+
+    def __init__(self, models: dict[str, str] | None = None, **settings: float) -> None:
         from dalle_app.pipeline import DallePipeline  # imports JAX: only when a model is asked for
 
-        self.pipe = DallePipeline.from_pretrained()
+        self.pipe = DallePipeline.from_pretrained(**(models or {}))
         self.settings = settings
 
     def __call__(self, texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
@@ -243,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the pipeline's)")
+    for kind in ("dalle", "vqgan", "clip"):
+        parser.add_argument(f"--{kind}", default=None, metavar="FOLDER",
+                            help=f"{kind} model folder instead of the embedded one (e.g. a training run's export)")
     parser.add_argument("--save-grid", metavar="PNG", default=None,
                         help="save the held-out images (rows: prompts; frames: green correct, red wrong)")
     parser.add_argument("--generator", choices=["model", "truth"], default="model",
@@ -256,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         settings = {k: v for k, v in (("top_k", args.top_k), ("cond_scale", args.cond_scale),
                                       ("temperature", args.temperature)) if v is not None}
-        generator = PipelineGenerator(**settings)
+        models = {k: getattr(args, k) for k in ("dalle", "vqgan", "clip") if getattr(args, k)}
+        generator = PipelineGenerator(models, **settings)
     figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator,
                        grid_path=args.save_grid)
     figures["generator"] = args.generator

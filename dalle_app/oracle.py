@@ -3,15 +3,19 @@
 It is how the embedded model is evaluated without a human: find the colored objects on the light
 background, name their color, shape and size, and read relations from their positions.
 
+* Readable scene: the border must be mostly a light background and at least half the image
+  background; otherwise (noise, a dark or busy image) nothing is detected, so garbage never
+  passes a prompt by chance.
 * Foreground: pixels far (RGB distance) from the background, estimated as the median of the
   image border, so soft or tinted backgrounds of generated images still work.
 * Objects: 4-connected components of the foreground, tiny blobs ignored. A component whose strong
   pixels have two dominant colors in different places (two generated objects touching) is split
   by color; two colors mixed in one place (a color drifting between two palette entries) are not.
 * Color: the mean of a component's strongest pixels, nearest palette color; too far from every
-  palette color means "unknown" (None), which never matches a prompt.
+  palette color, or gray, means "unknown" (None), which never matches a prompt.
 * Shape: the component's coverage (estimated alpha) cropped to its box and resized to 16x16, then
-  compared by soft IoU with templates rendered by the same code as the training images.
+  compared by soft IoU with templates rendered by the same code as the training images; a best
+  score under SHAPE_MIN_SCORE means "unknown" (None).
 * Size: the box side against the midpoint of the small and large sizes.
 * Position: the center of the object's box; relation of A to B: the dominant axis of B's center
   minus A's, and its sign.
@@ -19,7 +23,7 @@ background, name their color, shape and size, and read relations from their posi
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,9 +37,14 @@ from dalle_app.data.world import COLORS, SHAPES, SIZES, ObjectSpec
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background that makes a pixel foreground
 MIN_AREA = 20  # components smaller than this (pixels) are noise
 COLOR_TOLERANCE = 120.0  # farther than this from every palette color: color unknown
+MIN_CHROMA = 60.0  # an object's color needs max - min channel >= this (palette: >= 120); grays are unknown
 STRONG_FRACTION = 0.6  # pixels with distance >= this x the component's 90th percentile are "strong"
 SPLIT_SHARE = 0.25  # a second color owning this share of strong pixels splits a component ...
 SPLIT_DISTANCE = 6.0  # ... when the two colors' centroids are at least this many pixels apart
+SHAPE_MIN_SCORE = 0.7  # best template soft IoU below this: shape unknown (renders score >= 0.82)
+BACKGROUND_MIN_LEVEL = 150.0  # the background's darkest channel must be at least this light ...
+BACKGROUND_BORDER_SHARE = 0.6  # ... this share of the border must be background ...
+BACKGROUND_IMAGE_SHARE = 0.5  # ... and this share of the whole image
 TEMPLATE_RES = 16
 TEMPLATE_BLURS = (0.0, 0.8, 1.3)  # Gaussian radii (pixels) of the blurred shape references
 LARGE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
@@ -46,10 +55,10 @@ _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], np.float32)
 
 @dataclass(frozen=True)
 class Detection:
-    """An object found in an image; ``color`` is None when no palette color is close enough."""
+    """An object found in an image; ``color`` / ``shape`` are None when nothing known is close enough."""
 
     color: str | None
-    shape: str
+    shape: str | None
     size: str
     center: tuple[float, float]  # (x, y) pixels, center of the box
     area: int
@@ -60,6 +69,18 @@ def _background(image: np.ndarray) -> np.ndarray:
     border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
                              image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
     return np.median(border, axis=0)
+
+
+def _readable(distance: np.ndarray, background: np.ndarray) -> bool:
+    """A light background fills most of the border and at least half of the image."""
+    is_background = distance < FOREGROUND_DISTANCE
+    border = np.concatenate([is_background[:2].ravel(), is_background[-2:].ravel(),
+                             is_background[:, :2].ravel(), is_background[:, -2:].ravel()])
+    return bool(
+        background.min() >= BACKGROUND_MIN_LEVEL
+        and border.mean() >= BACKGROUND_BORDER_SHARE
+        and is_background.mean() >= BACKGROUND_IMAGE_SHARE
+    )
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -176,12 +197,16 @@ def _describe(pixels: np.ndarray, image: np.ndarray, distance: np.ndarray, color
     strong_level = np.percentile(d, 90)
     strong = d >= STRONG_FRACTION * strong_level
     if color is None:
-        index, gap = _nearest_color(image[rows[strong], cols[strong]].mean(axis=0))
-        color_name = _PALETTE_NAMES[index] if gap <= COLOR_TOLERANCE else None
+        mean_color = image[rows[strong], cols[strong]].mean(axis=0)
+        index, gap = _nearest_color(mean_color)
+        known = gap <= COLOR_TOLERANCE and np.ptp(mean_color) >= MIN_CHROMA
+        color_name = _PALETTE_NAMES[index] if known else None
     else:
         color_name = _PALETTE_NAMES[color]
     alpha, r0, c0 = _alpha(pixels, distance)
     shape, score = _classify_shape(alpha)
+    if score < SHAPE_MIN_SCORE:
+        shape = None
     box = alpha > 0.5
     box_rows, box_cols = np.nonzero(box)
     side = max(np.ptp(box_rows) + 1, np.ptp(box_cols) + 1)
@@ -198,6 +223,8 @@ def detect(image: np.ndarray) -> list[Detection]:
     rgb = array[..., :3].astype(np.float32)
     background = _background(rgb)
     distance = np.linalg.norm(rgb - background, axis=-1)
+    if not _readable(distance, background):
+        return []
     found = []
     for pixels in _components(distance >= FOREGROUND_DISTANCE):
         if len(pixels) < MIN_AREA:
@@ -265,7 +292,7 @@ def satisfies(image: np.ndarray, prompt: Prompt) -> bool:
 def recovers_scene(image: np.ndarray, objects: list[ObjectSpec], scene_relation: str | None) -> bool:
     """Exact check on a ground-truth render: same objects (color, shape, size), same relation."""
     found = detect(image)
-    if sorted((d.color, d.shape, d.size) for d in found) != sorted((o.color, o.shape, o.size) for o in objects):
+    if Counter((d.color, d.shape, d.size) for d in found) != Counter((o.color, o.shape, o.size) for o in objects):
         return False
     for obj in objects:
         nearest = min(found, key=lambda d: np.hypot(d.center[0] - obj.center[0], d.center[1] - obj.center[1]))

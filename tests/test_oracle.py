@@ -96,3 +96,26 @@ def test_touching_objects_of_different_colors_are_split(pair):
         b = ObjectSpec(pair[1], shape_b, "large", (43.0, 32.0))  # boxes touch
         found = detect(render([a, b], [24, 24], rng))
         assert sorted((d.color, d.shape) for d in found) == sorted([(a.color, a.shape), (b.color, b.shape)])
+
+
+def test_unknown_colors_are_reported_not_matched():
+    """A gray object is found but has no palette color: it never satisfies a prompt."""
+    from dalle_app.data.shapes import shape_mask
+
+    image = np.full((64, 64, 3), 240.0)
+    alpha = shape_mask("square", (32, 32), 24)[..., None]
+    image = np.uint8(image * (1 - alpha) + 60.0 * alpha)
+    (found,) = detect(image)
+    assert found.color is None and found.shape == "square"
+    assert not recovers_scene(image, [], None)
+    assert not satisfies(image, Prompt("", [Target("blue", "square")], None, "single"))
+
+
+def test_unreadable_images_have_no_objects():
+    """Noise, dark or busy images (an untrained model's output) must not pass any prompt by chance."""
+    rng = np.random.default_rng(2)
+    colorful_noise = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    blocky = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).resize((64, 64)))
+    dark = np.full((64, 64, 3), 40, np.uint8)
+    for image in (colorful_noise, blocky, dark):
+        assert detect(image) == []
