@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from dalle_app import runtime
@@ -125,19 +124,16 @@ class DallePipeline:
                 "the CLIP folder has no tokenizer files (tokenizer.json, or vocab.json and "
                 "merges.txt), so it cannot score prompts: add them, or pass clip=False to skip "
                 "ranking")
-        self.dalle = dalle
+        mesh = batch_mesh(devices)
+        self.sampler = Sampler(dalle, mesh, consume=True)
+        self.sampler.num_codes = min(dalle.config.image_vocab_size, vqgan.config.n_embed)
+        self.dalle = self.sampler.model  # its decoder weights now live in the sampler
         self.text = text
         self.vqgan = vqgan
         self.clip = clip
         self.dtype = dalle.dtype
         self.batch_buckets = tuple(batch_buckets)
         self.max_batch_images = max(self.batch_buckets)
-        mesh = batch_mesh(devices)
-        self.sampler = Sampler(dalle, mesh)
-        self.sampler.num_codes = min(dalle.config.image_vocab_size, vqgan.config.n_embed)
-        self.params = dalle.params
-        if mesh is not None:  # weights replicated on every device; rows split over them
-            self.params = jax.device_put(dalle.params, NamedSharding(mesh, P()))
         self.progress_every = 16
 
     # ---- loading --------------------------------------------------------------------------
@@ -278,12 +274,12 @@ class DallePipeline:
         n_texts = bucket_size(len(ids), TEXT_BUCKETS)
         ids_arr = np.stack(ids + [ids[0]] * (n_texts - len(ids)))
         masks_arr = np.stack(masks + [masks[0]] * (n_texts - len(masks)))
-        cross = self.sampler.encode_texts(self.params, ids_arr, masks_arr)
+        cross = self.sampler.encode_texts(ids_arr, masks_arr)
         jax.block_until_ready(cross)
         t1 = time.perf_counter()
         field_array = lambda name, dtype: np.array([getattr(r, name) for r in padded], dtype)
         codes = self.sampler.generate(
-            self.params, cross, masks_arr, cond, uncond, np.array([r.seed for r in padded], np.int64),
+            cross, masks_arr, cond, uncond, np.array([r.seed for r in padded], np.int64),
             field_array("temperature", np.float32), field_array("top_k", np.int32),
             field_array("top_p", np.float32), field_array("cond_scale", np.float32),
             progress=None if progress is None else (lambda s, t, c: progress(s, t, c[:len(rows)])),

@@ -23,6 +23,7 @@ the batch size, its position in the batch or what else is batched with it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dalle_app.models.dallebart import KV, DalleBartModel
+from dalle_app.models.dallebart import ACTIVATIONS, KV, DalleBartModel
 
 BATCH_AXIS = "batch"
 
@@ -97,6 +98,156 @@ def image_seed(seed: int, index: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# The decoder step, specialised for sampling
+#
+# dalle_app.models.dallebart keeps the layers scanned (stacked on a leading axis), the layout of
+# the checkpoints. Inside a scan XLA copies every layer's weight slice before using it, and the
+# (B, S, H, hd) cache is transposed for every attention product: on CPU that tripled the memory
+# traffic of a step (benchmarks/README.md). So the sampler unstacks the decoder's layers once at
+# load, unrolls them, and keeps head-major caches (B, H, S, hd). The math is the model's
+# (MODEL_NOTES.md §2.7; checked against the reference logits in tests/test_sampling.py).
+
+LN_EPS = 1e-5
+
+
+def _layer_norm(p: dict, x: jax.Array, dtype: Any) -> jax.Array:
+    """LayerNorm with eps 1e-5 and one-pass float32 statistics; scale only if the checkpoint has one."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), axis=-1, keepdims=True) - lax.square(mean))
+    y = (x32 - mean) * lax.rsqrt(var + LN_EPS)
+    if "scale" in p:
+        y = y * p["scale"]
+    return (y + p["bias"]).astype(dtype)
+
+
+def _dense(p: dict, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x, p["kernel"])
+    return y + p["bias"] if "bias" in p else y
+
+
+def _feed_forward(p: dict, x: jax.Array, config: Any, dtype: Any) -> jax.Array:
+    act = ACTIVATIONS[config.activation_function]
+    if "GLU_0" in p:
+        p = p["GLU_0"]
+        h = _layer_norm(p["LayerNorm_0"], x, dtype)
+        h = _layer_norm(p["LayerNorm_1"], act(_dense(p["Dense_0"], h)) * _dense(p["Dense_1"], h), dtype)
+        return _dense(p["Dense_2"], h)
+    p = p["FFN_0"]
+    h = act(_dense(p["Dense_0"], _layer_norm(p["LayerNorm_0"], x, dtype)))
+    return _dense(p["Dense_1"], _layer_norm(p["LayerNorm_1"], h, dtype))
+
+
+def _attend(p: dict, h: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, dtype: Any) -> jax.Array:
+    """One query per row: h (N, d) against head-major k, v (N, H, S, hd); bias (N or 1, 1, S)."""
+    heads, head_dim = k.shape[1], k.shape[-1]
+    q = _dense(p["q_proj"], h).reshape(h.shape[0], heads, head_dim)
+    logits = jnp.einsum("nhd,nhsd->nhs", q, k) / jnp.sqrt(head_dim).astype(dtype)  # after QKᵀ
+    probs = jax.nn.softmax(logits + bias).astype(dtype)
+    out = jnp.einsum("nhs,nhsd->nhd", probs, v)
+    if "head_scale" in p:
+        out = out * p["head_scale"].reshape(1, heads, 1)
+    return _dense(p["out_proj"], out.reshape(h.shape[0], -1))
+
+
+def _heads_first(x: jax.Array, heads: int) -> jax.Array:
+    """(N, S, d) → (N, H, S, hd)."""
+    n, length, d = x.shape
+    return x.reshape(n, length, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+def prepare_decoder(params: Any, consume: bool = False) -> dict:
+    """The decoder's parameters in the sampler's layout: one dict per layer (unstacked), so an
+    unrolled step reads each weight in place.
+
+    With `consume`, the stacked layers are removed from `params` and each is released as soon
+    as it is split, so memory never holds the decoder twice (load-time peak: one leaf more).
+    """
+    decoder = params["model"]["decoder"]
+    if consume:
+        stacked = decoder.pop("layers")["FlaxBartDecoderLayers"]
+    else:
+        stacked = dict(decoder["layers"]["FlaxBartDecoderLayers"])
+    count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    flat, treedef = jax.tree_util.tree_flatten(stacked)
+    del stacked
+    per_leaf = []
+    while flat:
+        leaf = flat.pop(0)
+        per_leaf.append([leaf[i] for i in range(count)])
+        del leaf
+    layers = [jax.tree_util.tree_unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(count)]
+    return {
+        "embed_tokens": decoder["embed_tokens"]["embedding"],
+        "embed_positions": decoder.get("embed_positions", {}).get("embedding"),
+        "layernorm_embedding": decoder["layernorm_embedding"],
+        "final_ln": decoder.get("final_ln"),
+        "layers": layers,
+        "lm_head": params["lm_head"],
+    }
+
+
+def cross_kv(decoder: dict, encoder_hidden: jax.Array, heads: int, dtype: Any) -> KV:
+    """Every layer's cross-attention keys and values, head-major: tuples of (U, H, T, hd)."""
+    x = encoder_hidden.astype(dtype)
+    ks, vs = [], []
+    for p in decoder["layers"]:
+        ks.append(_heads_first(_dense(p["FlaxBartAttention_1"]["k_proj"], x), heads))
+        vs.append(_heads_first(_dense(p["FlaxBartAttention_1"]["v_proj"], x), heads))
+    return KV(tuple(ks), tuple(vs))
+
+
+def empty_cache(config: Any, rows: int, dtype: Any) -> KV:
+    heads = config.decoder_attention_heads
+    shape = (rows, heads, config.image_length, config.d_model // heads)
+    layers = range(config.decoder_layers)
+    return KV(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
+
+
+def decoder_hidden(decoder: dict, config: Any, dtype: Any, tokens: jax.Array, position: jax.Array,
+                   cache: KV, cross: KV, cross_bias: jax.Array) -> tuple[jax.Array, KV]:
+    """One position for N rows: tokens (N,) at `position` → final hidden states (N, d), new cache."""
+    x = decoder["embed_tokens"][tokens]
+    if config.scale_embedding:
+        x = x * jnp.asarray(np.sqrt(config.d_model), dtype)
+    if decoder["embed_positions"] is not None:
+        x = x + decoder["embed_positions"][position]
+    x = _layer_norm(decoder["layernorm_embedding"], x, dtype)
+    slots = cache.k[0].shape[2]
+    self_bias = jnp.where(jnp.arange(slots) <= position, 0.0, -jnp.inf).astype(dtype)[None, None, :]
+    new_k, new_v = [], []
+    for i, p in enumerate(decoder["layers"]):
+        heads = cache.k[i].shape[1]
+        h = _layer_norm(p["LayerNorm_0"], x, dtype)
+        attn = p["FlaxBartAttention_0"]
+        k = _dense(attn["k_proj"], h).reshape(h.shape[0], heads, 1, -1).astype(cache.k[i].dtype)
+        v = _dense(attn["v_proj"], h).reshape(h.shape[0], heads, 1, -1).astype(cache.v[i].dtype)
+        layer_k = lax.dynamic_update_slice(cache.k[i], k, (0, 0, position, 0))
+        layer_v = lax.dynamic_update_slice(cache.v[i], v, (0, 0, position, 0))
+        new_k.append(layer_k)
+        new_v.append(layer_v)
+        x = x + _layer_norm(p["LayerNorm_1"], _attend(attn, h, layer_k, layer_v, self_bias, dtype), dtype)
+        h = _layer_norm(p["LayerNorm_2"], x, dtype)
+        cross_out = _attend(p["FlaxBartAttention_1"], h, cross.k[i], cross.v[i], cross_bias, dtype)
+        x = x + _layer_norm(p["LayerNorm_3"], cross_out, dtype)
+        x = x + _feed_forward(p, x, config, dtype)
+    if decoder["final_ln"] is not None:
+        x = _layer_norm(decoder["final_ln"], x, dtype)
+    return x, KV(tuple(new_k), tuple(new_v))
+
+
+def guided_logits(decoder: dict, hidden: jax.Array, cond_scale: jax.Array) -> jax.Array:
+    """Super-conditioned logits (B, V+1) float32 from interleaved cond/uncond hidden states (2B, d).
+
+    lm_head is linear without bias, so uncond + s·(cond − uncond) is taken on the hidden states
+    and only B rows go through lm_head instead of 2B.
+    """
+    pairs = hidden.astype(jnp.float32).reshape(-1, 2, hidden.shape[-1])
+    mixed = guide(pairs[:, 0], pairs[:, 1], cond_scale).astype(hidden.dtype)
+    return _dense(decoder["lm_head"], mixed).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -110,12 +261,12 @@ class Settings(NamedTuple):
 
 
 class LoopState(NamedTuple):
-    """Everything the decoding loop carries; rows are images, the cache has 2 rows per image
+    """Everything the decoding loop carries; rows are images, the caches have 2 rows per image
     (conditional, unconditional), interleaved so a data-parallel shard keeps pairs together."""
 
-    cache: KV            # (layers, 2B, image_length, H, hd)
-    cross: KV            # (layers, 2B, text_length, H, hd)
-    encoder_mask: jax.Array  # (2B, text_length)
+    cache: KV            # per layer (2B, H, image_length, hd)
+    cross: KV            # per layer (2B, H, text_length, hd)
+    cross_bias: jax.Array  # (2B, 1, text_length) 0 / -inf from the text masks
     tokens: jax.Array    # (B,) the token to feed at `position`
     codes: jax.Array     # (B, image_length) sampled codes so far
     keys: jax.Array      # (B, 2)
@@ -134,18 +285,27 @@ def batch_mesh(devices: list[Any] | None = None) -> Mesh | None:
 class Sampler:
     """Compiled sampling programs for one loaded DalleBart.
 
-    jax.jit caches one executable per input shape, so each batch-size bucket (and each bucket
-    of distinct texts for `encode_texts`) compiles once; the sampling settings are traced.
-    With a mesh, image rows are split over its devices (data parallel); the results are the
-    same as on one device.
+    Holds the parameters in its own layout (`params`: the encoder as loaded, the decoder
+    unstacked). jax.jit caches one executable per input shape, so each batch-size bucket (and
+    each bucket of distinct texts for `encode_texts`) compiles once; the sampling settings are
+    traced. With a mesh, image rows are split over its devices (data parallel) and the weights
+    replicated; the results are the same as on one device.
     """
 
-    def __init__(self, model: DalleBartModel, mesh: Mesh | None = None) -> None:
-        self.model = model
+    def __init__(self, model: DalleBartModel, mesh: Mesh | None = None, consume: bool = False) -> None:
+        """consume=True takes the decoder weights out of `model.params` (no second copy); the
+        model's own decode methods then no longer work — use this sampler."""
         self.config = model.config
+        self.dtype = model.dtype
         self.mesh = mesh
         self.image_length = model.config.image_length
         self.num_codes = model.config.image_vocab_size
+        params = {"encoder": {"model": {"encoder": model.params["model"]["encoder"]}},
+                  "decoder": prepare_decoder(model.params, consume)}
+        self.model = dataclasses.replace(model, params=None) if consume else model
+        if mesh is not None:
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+        self.params = params
         self._encode = jax.jit(self._encode_texts)
         self._start = jax.jit(self._start_loop)
         self._run = jax.jit(self._run_loop, donate_argnums=(1,))
@@ -157,10 +317,10 @@ class Sampler:
     # ---- programs -------------------------------------------------------------------------
 
     def _encode_texts(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> KV:
-        hidden = self.model.encode(params, input_ids, attention_mask)
-        return self.model.cross_kv(params, hidden)
+        hidden = self.model.encode(params["encoder"], input_ids, attention_mask)
+        return cross_kv(params["decoder"], hidden, self.config.decoder_attention_heads, self.dtype)
 
-    def _shard(self, x: jax.Array, axis: int) -> jax.Array:
+    def _shard(self, x: jax.Array, axis: int = 0) -> jax.Array:
         if self.mesh is None:
             return x
         spec = [None] * x.ndim
@@ -174,33 +334,33 @@ class Sampler:
         text_rows (2B,) int32: for each cache row (cond, uncond interleaved), its text index.
         """
         batch = seeds.shape[0]
-        cross = KV(*(self._shard(jnp.take(x, text_rows, axis=1), 1) for x in cross_texts))
-        cache = KV(*(self._shard(x, 1) for x in self.model.init_cache(2 * batch)))
+        gather = lambda xs: tuple(self._shard(jnp.take(x, text_rows, axis=0)) for x in xs)
+        cache = empty_cache(self.config, 2 * batch, self.dtype)
+        mask = jnp.take(mask_texts, text_rows, axis=0)
         bos = jnp.full((batch,), self.config.decoder_start_token_id, jnp.int32)
         return LoopState(
-            cache=cache,
-            cross=cross,
-            encoder_mask=self._shard(jnp.take(mask_texts, text_rows, axis=0), 0),
-            tokens=self._shard(bos, 0),
-            codes=self._shard(jnp.zeros((batch, self.image_length), jnp.int32), 0),
-            keys=self._shard(jax.vmap(jax.random.PRNGKey)(seeds.astype(jnp.uint32)), 0),
+            cache=KV(*(tuple(self._shard(x) for x in xs) for xs in cache)),
+            cross=KV(gather(cross_texts.k), gather(cross_texts.v)),
+            cross_bias=self._shard(jnp.where(mask > 0, 0.0, -jnp.inf).astype(self.dtype)[:, None, :]),
+            tokens=self._shard(bos),
+            codes=self._shard(jnp.zeros((batch, self.image_length), jnp.int32)),
+            keys=self._shard(jax.vmap(jax.random.PRNGKey)(seeds.astype(jnp.uint32))),
             position=jnp.zeros((), jnp.int32),
-            settings=Settings(*(self._shard(x, 0) for x in settings)),
+            settings=Settings(*(self._shard(x) for x in settings)),
         )
 
     def _run_loop(self, params: Any, state: LoopState, stop: jax.Array) -> LoopState:
         """Decode positions state.position .. stop-1 (traced bounds: one program for any chunk)."""
-        s = state.settings
+        s, decoder = state.settings, params["decoder"]
 
         def step(position: jax.Array, carry: tuple) -> tuple:
             cache, tokens, codes, keys = carry
-            logits, cache = self.model.decode_step(
-                params, jnp.repeat(tokens, 2), position, cache, state.cross, state.encoder_mask)
-            logits = logits.reshape(tokens.shape[0], 2, -1)
-            mixed = guide(logits[:, 0], logits[:, 1], s.cond_scale)
-            mixed = filter_logits(mixed, s.temperature, s.top_k, s.top_p, self.num_codes)
+            hidden, cache = decoder_hidden(decoder, self.config, self.dtype, jnp.repeat(tokens, 2),
+                                           position, cache, state.cross, state.cross_bias)
+            logits = guided_logits(decoder, hidden, s.cond_scale)
+            logits = filter_logits(logits, s.temperature, s.top_k, s.top_p, self.num_codes)
             draw_keys, keys = split_keys(keys)
-            tokens = sample(draw_keys, mixed)
+            tokens = sample(draw_keys, logits)
             codes = lax.dynamic_update_slice(codes, tokens[:, None], (0, position))
             return cache, tokens, codes, keys
 
@@ -210,12 +370,12 @@ class Sampler:
 
     # ---- host side ------------------------------------------------------------------------
 
-    def encode_texts(self, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> KV:
-        """Cross-attention K/V of U distinct texts, (layers, U, text_length, H, hd) each."""
-        return self._encode(params, jnp.asarray(input_ids, jnp.int32),
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> KV:
+        """Cross-attention K/V of U distinct texts: per layer (U, H, text_length, hd)."""
+        return self._encode(self.params, jnp.asarray(input_ids, jnp.int32),
                             jnp.asarray(attention_mask, jnp.int32))
 
-    def generate(self, params: Any, cross_texts: KV, mask_texts: np.ndarray,
+    def generate(self, cross_texts: KV, mask_texts: np.ndarray,
                  cond_text: np.ndarray, uncond_text: np.ndarray, seeds: np.ndarray,
                  temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                  cond_scale: np.ndarray, progress: Callable[[int, int, np.ndarray], Any] | None = None,
@@ -243,7 +403,7 @@ class Sampler:
         done = 0
         while True:
             done = min(total, done + max(every, 1))
-            state = self._run(params, state, jnp.asarray(done, jnp.int32))
+            state = self._run(self.params, state, jnp.asarray(done, jnp.int32))
             if done >= total:
                 break
             if progress is not None:

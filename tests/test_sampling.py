@@ -13,7 +13,10 @@ import pytest
 
 from dalle_app import runtime
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
-from dalle_app.sampling import Sampler, bucket_size, filter_logits, guide, image_seed, sample
+from dalle_app.sampling import (
+    Sampler, bucket_size, cross_kv, decoder_hidden, empty_cache, filter_logits, guide, guided_logits,
+    image_seed, prepare_decoder, sample,
+)
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 FOLDERS = ["dallebart_tiny_a", "dallebart_tiny_b_scanned"]
@@ -49,10 +52,10 @@ def _generate(name: str, rows: list[int], seeds: list[int], dtype: str = "float3
     n = len(rows)
     ids = np.concatenate([exp["input_ids"], exp["input_ids_uncond"][:1]])
     mask = np.concatenate([exp["attention_mask"], exp["attention_mask_uncond"][:1]])
-    cross = sampler.encode_texts(sampler.model.params, ids, mask)
+    cross = sampler.encode_texts(ids, mask)
     full = lambda key, default, dt: np.full(n, settings.get(key, default), dt)
     return sampler.generate(
-        sampler.model.params, cross, mask, np.array(rows, np.int32), np.full(n, len(ids) - 1, np.int32),
+        cross, mask, np.array(rows, np.int32), np.full(n, len(ids) - 1, np.int32),
         np.array(seeds), full("temperature", 1.0, np.float32), full("top_k", 50, np.int32),
         full("top_p", 1.0, np.float32), full("cond_scale", 10.0, np.float32))[:count]
 
@@ -148,6 +151,32 @@ def test_kv_cache_steps_equal_teacher_forced_logits(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FOLDERS)
+def test_sampler_decoder_step_equals_reference_logits(name: str) -> None:
+    """The sampler's own unrolled, head-major decoder step gives dalle-mini's teacher-forced
+    logits, position by position (each row paired with itself, guidance scale 1)."""
+    exp, m = _expected(name), _model(name)
+    decoder, cfg = prepare_decoder(m.params), m.config
+    ids = np.repeat(exp["decoder_input_ids"], 2, axis=0)
+    mask = np.repeat(exp["attention_mask"], 2, axis=0)
+    hidden = m.encode(m.params, np.repeat(exp["input_ids"], 2, axis=0), mask)
+    cross = cross_kv(decoder, hidden, cfg.decoder_attention_heads, m.dtype)
+    bias = jnp.where(jnp.asarray(mask) > 0, 0.0, -jnp.inf)[:, None, :]
+    cache = empty_cache(cfg, ids.shape[0], m.dtype)
+    scale = jnp.ones(ids.shape[0] // 2)
+
+    @jax.jit
+    def step(tokens, position, cache):
+        h, cache = decoder_hidden(decoder, cfg, m.dtype, tokens, position, cache, cross, bias)
+        return guided_logits(decoder, h, scale), cache
+
+    logits = []
+    for t in range(ids.shape[1]):
+        out, cache = step(jnp.asarray(ids[:, t]), jnp.int32(t), cache)
+        logits.append(np.asarray(out))
+    np.testing.assert_allclose(np.stack(logits, 1), exp["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
 def test_sampled_codes_agree_with_teacher_forcing(name: str) -> None:
     """The compiled loop's greedy choices are the argmax of teacher-forced logits on its own
     output: the cache, positions and token feeding inside the loop are right."""
@@ -194,8 +223,8 @@ def test_chunked_progress_gives_the_same_codes() -> None:
     sampler, exp = _sampler(name), _expected(name)
     ids = np.concatenate([exp["input_ids"][:2], exp["input_ids_uncond"][:1]])
     mask = np.concatenate([exp["attention_mask"][:2], exp["attention_mask_uncond"][:1]])
-    cross = sampler.encode_texts(sampler.model.params, ids, mask)
-    args = (sampler.model.params, cross, mask, np.array([0, 1]), np.array([2, 2]), np.array([4, 5]),
+    cross = sampler.encode_texts(ids, mask)
+    args = (cross, mask, np.array([0, 1]), np.array([2, 2]), np.array([4, 5]),
             np.ones(2, np.float32), np.full(2, 50), np.ones(2, np.float32), np.full(2, 10.0, np.float32))
     seen = []
     chunked = sampler.generate(*args, progress=lambda s, t, c: seen.append((s, t, c.shape)), progress_every=5)
