@@ -26,8 +26,14 @@ class CheckpointError(ValueError):
 def _ndarray_ext_hook(code: int, data: bytes) -> Any:
     """Decode flax.serialization's ndarray extension (code 1) without an extra copy."""
     if code == 1:
-        shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype_name)).reshape(shape)
+        # The payload is [shape, dtype name, raw bytes]; the raw bytes are its tail, so read the
+        # small header and view the tail in place (unpacking it would copy the tensor once more).
+        header = msgpack.Unpacker(raw=False)
+        header.feed(data[:256])
+        header.read_array_header()
+        shape, dtype = header.unpack(), np.dtype(header.unpack())
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return np.frombuffer(data, dtype=dtype, offset=len(data) - nbytes).reshape(shape)
     if code in (2, 3):  # native complex / numpy scalar: not used by any checkpoint we load
         raise CheckpointError("unsupported msgpack extension in checkpoint (complex or scalar)")
     return msgpack.ExtType(code, data)
@@ -155,14 +161,17 @@ def expected_shapes(init_fn: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
 def to_device_tree(flat: Flat, dtype: Any | None = None) -> Tree:
     """Move leaves to the default device one at a time (optionally cast), freeing each host copy.
 
-    Popping as we go keeps peak memory near one copy of the weights instead of two.
+    Popping as we go keeps peak memory near one copy of the weights instead of two. Each
+    transfer is waited for: with asynchronous dispatch every host array would otherwise stay
+    alive until all copies finish, which is two full copies again.
     """
+    import jax
     import jax.numpy as jnp
 
     out: Flat = {}
     for key in list(flat.keys()):
         leaf = flat.pop(key)
         is_float = jnp.issubdtype(leaf.dtype, jnp.floating)
-        out[key] = jnp.asarray(leaf, dtype=dtype if (dtype is not None and is_float) else None)
+        out[key] = jax.block_until_ready(jnp.asarray(leaf, dtype=dtype if (dtype is not None and is_float) else None))
         del leaf
     return unflatten(out)
