@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,9 @@ import optax
 import pytest
 
 from dalle_app.models.vqgan import (
+    GroupNorm,
     UnsupportedVQGANConfig,
+    UpsampleConv,
     VQGANConfig,
     build_vqgan,
     init_params,
@@ -126,6 +129,28 @@ def test_decode_rejects_wrong_code_count(tiny_params: dict, tmp_path: Path) -> N
     save_vqgan(tmp_path, TINY, tiny_params)
     with pytest.raises(ValueError, match="expected 64 codes"):
         load_vqgan(tmp_path).decode(np.zeros((1, 63), np.int32))
+
+
+def test_groupnorm_matches_flax() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 64)) * 3.0 + 1.5
+    params = {"scale": jax.random.normal(jax.random.PRNGKey(2), (64,)),
+              "bias": jax.random.normal(jax.random.PRNGKey(3), (64,))}
+    want = nn.GroupNorm(num_groups=32, epsilon=1e-6).apply({"params": params}, x)
+    got = GroupNorm().apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(GroupNorm(swish=True).apply({"params": params}, x)),
+                               np.asarray(nn.swish(want)), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 32), (1, 5, 3, 16)])
+def test_upsample_conv_equals_nearest_upsample_then_conv(shape: tuple[int, ...]) -> None:
+    x = jax.random.normal(jax.random.PRNGKey(4), shape)
+    conv = nn.Conv(24, (3, 3), padding=((1, 1), (1, 1)))
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    params = conv.init(jax.random.PRNGKey(5), upsampled)
+    params = {"params": {**params["params"], "bias": jnp.linspace(-1, 1, 24)}}
+    np.testing.assert_allclose(np.asarray(UpsampleConv(24).apply(params, x)),
+                               np.asarray(conv.apply(params, upsampled)), atol=2e-5)
 
 
 def test_to_uint8_clips_and_truncates() -> None:
