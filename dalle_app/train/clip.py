@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_to
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
+    Prefetcher,
     load_state,
     make_optimizer,
     phase_seed,
@@ -85,7 +87,10 @@ def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
     """A caption false for this scene in one respect: swapped objects, or one changed attribute."""
     if sample.relation is not None:
         a, b = sample.objects
-        return caption_text.pair_caption(b, sample.relation, a, rng)
+        while True:  # "A and B" (no relation word) would be true either way round
+            wrong = caption_text.pair_caption(b, sample.relation, a, rng)
+            if " and " not in wrong:
+                return wrong
     obj = sample.objects[0]
     if rng.random() < 0.5:
         color = str(rng.choice([c for c in COLORS if c != obj.color]))
@@ -96,14 +101,20 @@ def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
     return caption_text.single_caption(other, rng)
 
 
-def make_batch(seed: int, step: int, n: int, split: str, preprocess: CLIPImagePreprocessor, tokenize) -> dict[str, Any]:
-    """Images (preprocessed exactly as the app does), positive and wrong captions, tokenized."""
+def render_batch(seed: int, step: int, n: int, split: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Step `step`'s scenes: images, their captions and one wrong caption each."""
     b = data_batch(phase_seed(seed, f"{PHASE}-{split}", step), n, split)
     rng = np.random.default_rng(phase_seed(seed, f"{PHASE}-negatives-{split}", step))
-    negatives = [wrong_caption(s, rng) for s in b.samples]
-    ids, mask = tokenize(list(b.captions) + negatives)
-    same = np.array([[x == y for y in b.captions] for x in b.captions], np.float32)
-    return {"pixels": jnp.asarray(preprocess(b.images)), "input_ids": jnp.asarray(ids),
+    return b.images, list(b.captions), [wrong_caption(s, rng) for s in b.samples]
+
+
+def model_inputs(rendered: tuple[np.ndarray, list[str], list[str]], preprocess: CLIPImagePreprocessor,
+                 tokenize) -> dict[str, Any]:
+    """Images preprocessed exactly as the app does, positive then wrong captions tokenized."""
+    images, captions, negatives = rendered
+    ids, mask = tokenize(captions + negatives)
+    same = np.array([[x == y for y in captions] for x in captions], np.float32)
+    return {"pixels": jnp.asarray(preprocess(images)), "input_ids": jnp.asarray(ids),
             "attention_mask": jnp.asarray(mask), "same": jnp.asarray(same)}
 
 
@@ -138,8 +149,10 @@ def make_train_step(module: CLIPModule, tx: optax.GradientTransformation):
 
 
 def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: int = 0,
-               deadline: float | None = None, image_size: int = 64) -> tuple[CLIPConfig, Any, dict[str, Any]]:
-    """Train (or resume) CLIP under `out/clip/`; exports `out/clip/model/` (with tokenizer) at every save."""
+               deadline: float | None = None, image_size: int = 64,
+               workers: int = 0) -> tuple[CLIPConfig, Any, dict[str, Any]]:
+    """Train (or resume) CLIP under `out/clip/`; exports `out/clip/model/` (with tokenizer) at every save.
+    `workers` processes render the scenes ahead of the steps."""
     folder = out / PHASE
     log = PhaseLog(folder, PHASE)
     t0 = time.time()
@@ -151,8 +164,7 @@ def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: in
     params = init_params(module, jax.random.PRNGKey(phase_seed(seed, "clip-init")))
     log(0, parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params))))
 
-    def batch_for(step: int, split: str = "train", n: int = cfg.batch_size) -> dict[str, Any]:
-        return make_batch(seed, step, n, split, preprocess, tokenizer)
+    scenes = Prefetcher(partial(render_batch, seed, n=cfg.batch_size, split="train"), workers)
 
     optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
     tx = make_optimizer(optim)
@@ -160,7 +172,8 @@ def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: in
     train_step = make_train_step(module, tx)
 
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], batch_for(step))
+        batch = model_inputs(scenes(step), preprocess, tokenizer)
+        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], batch)
         return st, metrics
 
     def export(st: dict[str, Any]) -> None:
@@ -168,9 +181,11 @@ def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: in
         for name in TOKENIZER_FILES:
             (folder / "model" / name).write_bytes((tokenizer_folder / name).read_bytes())
 
-    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
-                     remaining(cfg.seconds, t0), deadline, export)
-    evaluation = jax.jit(lambda p, b: loss_and_metrics(module, p, b)[1])(state["params"], batch_for(0, "heldout", cfg.eval_images))
+    with scenes:
+        state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
+                         remaining(cfg.seconds, t0), deadline, export)
+    heldout = model_inputs(render_batch(seed, 0, cfg.eval_images, "heldout"), preprocess, tokenizer)
+    evaluation = jax.jit(lambda p, b: loss_and_metrics(module, p, b)[1])(state["params"], heldout)
     report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "train_seconds": round(time.time() - t0, 1),
               **{f"eval_{k}": float(v) for k, v in evaluation.items()}}

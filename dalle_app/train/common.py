@@ -211,3 +211,44 @@ def start_state(folder: Path, log: PhaseLog, params: Any, tx: optax.GradientTran
 def remaining(seconds: float | None, since: float) -> float | None:
     """What is left of a `seconds` budget started at `since` (None: no budget)."""
     return None if seconds is None else seconds - (time.time() - since)
+
+
+class Prefetcher:
+    """`fn(step)` for consecutive steps, computed ahead in `workers` processes (0: inline).
+
+    Rendering scenes is Python work (~1 ms per image): on a GPU it would otherwise leave the
+    device idle most of the time. `fn` must be picklable (a module-level function or a partial
+    of one); results come back in step order, at most `ahead` of them computed in advance.
+    """
+
+    def __init__(self, fn: Callable[[int], Any], workers: int, ahead: int | None = None) -> None:
+        import collections
+        import multiprocessing
+
+        self.fn = fn
+        self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+        self.ahead = ahead or 2 * max(workers, 1)
+        self.pending: collections.deque = collections.deque()
+        self.next_step = 0
+
+    def __call__(self, step: int) -> Any:
+        if self.pool is None:
+            return self.fn(step)
+        if not self.pending or self.pending[0][0] != step:
+            self.pending.clear()
+            self.next_step = step
+        while len(self.pending) < self.ahead:
+            self.pending.append((self.next_step, self.pool.apply_async(self.fn, (self.next_step,))))
+            self.next_step += 1
+        return self.pending.popleft()[1].get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from dalle_app.models.weights import flatten, unflatten
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
+    Prefetcher,
     load_state,
     make_optimizer,
     phase_seed,
@@ -119,24 +121,35 @@ def make_code_encoder(module: VQModel):
     return encode
 
 
+def render_chunk(seed: int, c: int, n: int, chunk: int, split: str) -> tuple[np.ndarray, list[str]]:
+    """Scenes of chunk `c` of an `n`-scene dataset: uint8 images and captions."""
+    size = min(chunk, n - c * chunk)
+    b = data_batch(phase_seed(seed, f"{PHASE}-data-{split}", c), size, split)
+    return b.images, list(b.captions)
+
+
 def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEncoder, n: int, seed: int,
-                  split: str, chunk: int = 1024, log: PhaseLog | None = None) -> dict[str, np.ndarray]:
-    """Render `n` scenes of `split`, encode them to codes (n, h*w) uint16 and tokenize their captions."""
+                  split: str, chunk: int = 1024, log: PhaseLog | None = None,
+                  workers: int = 0) -> dict[str, np.ndarray]:
+    """Render `n` scenes of `split` (in `workers` processes), encode them to codes (n, h*w) uint16
+    and tokenize their captions."""
     encode = make_code_encoder(vq_module)
     codes, ids, masks = [], [], []
+    chunks = Prefetcher(partial(render_chunk, seed, n=n, chunk=chunk, split=split), workers)
     for c, start in enumerate(range(0, n, chunk)):
         size = min(chunk, n - start)
-        b = data_batch(phase_seed(seed, f"{PHASE}-data-{split}", c), size, split)
-        pixels = b.images.astype(np.float32) / 255.0
+        images, captions = chunks(c)
+        pixels = images.astype(np.float32) / 255.0
         for i in range(0, size, 256):
             part = pixels[i:i + 256]
             padded = np.concatenate([part, np.zeros((256 - len(part),) + part.shape[1:], np.float32)])
             codes.append(np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)].astype(np.uint16))
-        tok = captions_to_ids(b.captions)
+        tok = captions_to_ids(captions)
         ids.append(tok[0])
         masks.append(tok[1])
         if log is not None and (c + 1) % 10 == 0:
             log(0, encoded=start + size, of=n, split=split)
+    chunks.close()
     return {"codes": np.concatenate(codes), "input_ids": np.concatenate(ids), "attention_mask": np.concatenate(masks)}
 
 
@@ -219,9 +232,10 @@ def evaluate(module: DalleBart, params: Any, data: dict[str, np.ndarray], uncond
 
 def train_dallebart(
     out: Path, vq_config: VQGANConfig, vq_params: Any, tokenizer_folder: Path, max_text_length: int,
-    cfg: DalleBartTrainConfig, seed: int = 0, deadline: float | None = None,
+    cfg: DalleBartTrainConfig, seed: int = 0, deadline: float | None = None, workers: int = 0,
 ) -> tuple[DalleBartConfig, Any, dict[str, Any]]:
-    """Train (or resume) DalleBart under `out/dallebart/`; exports `out/dallebart/model/` at every save."""
+    """Train (or resume) DalleBart under `out/dallebart/`; exports `out/dallebart/model/` at every save.
+    `workers` processes render the dataset's scenes."""
     folder = out / PHASE
     log = PhaseLog(folder, PHASE)
     t0 = time.time()
@@ -230,7 +244,7 @@ def train_dallebart(
                           cfg.encoder_layers, cfg.decoder_layers, cfg.heads)
     vq_module = build_vqgan(vq_config)
     data = load_or_build_dataset(folder / "train_codes.npz", lambda: encode_scenes(
-        vq_module, vq_params, captions_to_ids, cfg.num_samples, seed, "train", log=log))
+        vq_module, vq_params, captions_to_ids, cfg.num_samples, seed, "train", log=log, workers=workers))
     eval_data = load_or_build_dataset(folder / "heldout_codes.npz", lambda: encode_scenes(
         vq_module, vq_params, captions_to_ids, cfg.eval_samples, seed, "heldout"))
     t_data = time.time() - t0

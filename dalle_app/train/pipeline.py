@@ -60,17 +60,18 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
                 build_tokenizers(out, seed, profile.tokenizer_captions, profile.tokenizer_vocab_size)
         elif name == "vqgan":
             train_vqgan(out, profile.vqgan_model, _train_config(profile, name, steps.get(name), seconds, batch_size),
-                        seed, deadline)
+                        seed, deadline, profile.workers)
         elif name == "clip":
             _require(tokenizers / "report.json", "tokenizers")
             train_clip(out, tokenizers / "clip", _train_config(profile, name, steps.get(name), seconds, batch_size),
-                       seed, deadline, profile.vqgan_model.resolution)
+                       seed, deadline, profile.vqgan_model.resolution, profile.workers)
         elif name == "dallebart":
             _require(tokenizers / "report.json", "tokenizers")
             _require(out / "vqgan" / "model" / "flax_model.msgpack", "vqgan")
             vq = load_vqgan(out / "vqgan" / "model")
             train_dallebart(out, vq.config, vq.params, tokenizers / "dalle", profile.max_text_length,
-                            _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline)
+                            _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline,
+                            profile.workers)
         timings[name] = round(time.time() - t0, 1)
         print(f"[train] {name} took {timings[name]} s", flush=True)
     if assets is not None and phase in ("all", "export"):

@@ -27,6 +27,7 @@ class Profile:
     max_text_length: int = 24
     tokenizer_captions: int = 20_000
     tokenizer_vocab_size: int = 512
+    workers: int = 0  # processes rendering scenes ahead of the steps (0: in the training process)
     budget_shares: tuple[tuple[str, float], ...] = (("vqgan", 0.17), ("clip", 0.11), ("dallebart", 0.72))
 
 
@@ -45,6 +46,7 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
+        workers=12,
         budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.7)),
     ),
     "tiny": Profile(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan, init_param
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
+    Prefetcher,
     load_state,
     make_optimizer,
     phase_seed,
@@ -148,8 +150,10 @@ def evaluate(module: VQModel, params: Any, seed: int, n: int) -> dict[str, float
 
 def train_vqgan(
     out: Path, model_cfg: VQGANConfig, cfg: VQGANTrainConfig, seed: int = 0, deadline: float | None = None,
+    workers: int = 0,
 ) -> tuple[VQGANConfig, Any, dict[str, Any]]:
     """Train (or resume) the VQGAN under `out/vqgan/`; exports `out/vqgan/model/` at every save.
+    `workers` processes render the training images ahead of the steps.
 
     Returns the config, the trained params and a report (losses, codebook usage, timings).
     """
@@ -166,8 +170,10 @@ def train_vqgan(
     train_step = make_train_step(module, tx, cfg)
     encode = make_encoder(module)
 
+    images = Prefetcher(partial(images_for_step, seed, n=cfg.batch_size), workers)
+
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        x = jnp.asarray(images_for_step(seed, step, cfg.batch_size))
+        x = jnp.asarray(images(step))
         p = st["params"]
         restart_until = cfg.restart_until * (st["total_steps"] or 10**9)
         if step == cfg.init_codebook_at or (
@@ -187,8 +193,9 @@ def train_vqgan(
     def export(st: dict[str, Any]) -> None:
         save_vqgan(folder / "model", model_cfg, st["params"])
 
-    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
-                     remaining(cfg.seconds, t0), deadline, export)
+    with images:
+        state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
+                         remaining(cfg.seconds, t0), deadline, export)
     report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "train_seconds": round(time.time() - t0, 1),
               **evaluate(module, state["params"], seed, cfg.eval_images)}

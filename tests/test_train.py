@@ -1,0 +1,180 @@
+"""Training of the embedded model: tokenizers, each phase's loss going down, resume, and exported
+folders that load through the app's own loaders.
+
+One tiny end-to-end run (`--profile tiny`, a few steps per model) is shared by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dalle_app.data import batch as data_batch
+from dalle_app.train.common import OptimConfig, learning_rate
+from dalle_app.train.text import plain_normalize
+from dalle_app.train.tokenizers import build_bart_tokenizer, build_clip_tokenizer, write_word_frequencies
+
+CAPTIONS = [c for c in data_batch(123, 400, "train").captions]
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in _log(folder) if "loss" in r and "eval_loss" not in r]
+
+
+def test_plain_normalize_matches_the_app_normalizer_on_generator_captions(tmp_path: Path) -> None:
+    from dalle_app.text import TextNormalizer
+
+    write_word_frequencies(CAPTIONS, tmp_path / "words.txt")
+    normalizer = TextNormalizer(tmp_path / "words.txt")
+    assert all(normalizer(c) == plain_normalize(c) for c in CAPTIONS)
+
+
+def test_bart_tokenizer_has_bart_special_ids_and_unconditional_input(tmp_path: Path) -> None:
+    from transformers import BartTokenizerFast
+
+    from dalle_app.text import load_tokenizer
+
+    build_bart_tokenizer([plain_normalize(c) for c in CAPTIONS], tmp_path, vocab_size=400)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).is_file(), name
+    fast = BartTokenizerFast.from_pretrained(str(tmp_path))
+    assert [fast.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
+    tok = load_tokenizer(tmp_path, 12)
+    assert tok.encode("").ids == [0, 2] + [1] * 10
+    ids = tok.encode(plain_normalize("a red square")).ids
+    assert ids[0] == 0 and 2 in ids
+    assert fast(plain_normalize("a red square"))["input_ids"] == ids[: ids.index(2) + 1]
+
+
+def test_clip_tokenizer_loads_and_never_maps_letters_to_end_of_text(tmp_path: Path) -> None:
+    from dalle_app.models.clip_preprocess import load_clip_tokenizer
+
+    build_clip_tokenizer(CAPTIONS, tmp_path, vocab_size=400)
+    tok = load_clip_tokenizer(tmp_path, 16)
+    ids, mask = tok(["A Red square", "a zebra!"])
+    assert ids[0, 0] == 0 and mask[0].sum() < 16
+    # the first end-of-text (id 1) is right after the last real token: unseen letters are not <unk>
+    for row, m in zip(ids, mask):
+        assert list(row).index(1) == m.sum() - 1
+
+
+def test_word_frequencies_are_sorted_counts(tmp_path: Path) -> None:
+    n = write_word_frequencies(["a red square", "a blue square", "a red circle"], tmp_path / "w.txt")
+    lines = (tmp_path / "w.txt").read_text().splitlines()
+    assert n == 5 and lines[:3] == ["a 3", "red 2", "square 2"]
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    cfg = OptimConfig(lr=1e-3, warmup=10, final_lr_ratio=0.1)
+    lrs = [learning_rate(cfg, s, 100) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from dalle_app.train.__main__ import main
+
+    out = tmp_path_factory.mktemp("run")
+    assets = tmp_path_factory.mktemp("assets")
+    main(["all", "--out", str(out), "--assets", str(assets), "--profile", "tiny",
+          "--vqgan-steps", "10", "--clip-steps", "10", "--dallebart-steps", "10"])
+    return out, assets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["vqgan", "clip", "dallebart"])
+def test_each_loss_goes_down(tiny_run: tuple[Path, Path], phase: str) -> None:
+    losses = _losses(tiny_run[0] / phase)
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_vqgan_reports_codebook_usage(tiny_run: tuple[Path, Path]) -> None:
+    report = json.loads((tiny_run[0] / "vqgan" / "report.json").read_text())
+    assert 0 < report["eval_usage"] <= 1 and report["eval_perplexity"] >= 1
+
+
+@pytest.mark.slow
+def test_exported_folders_load_through_the_app_loaders(tiny_run: tuple[Path, Path]) -> None:
+    import jax.numpy as jnp
+
+    from dalle_app.models.clip import load_clip
+    from dalle_app.models.dallebart import load_dallebart
+    from dalle_app.models.vqgan import load_vqgan
+    from dalle_app.models.weights import flatten, read_msgpack
+    from dalle_app.text import TextProcessor
+
+    assets = tiny_run[1]
+    config = json.loads((assets / "dalle-embedded" / "config.json").read_text())
+    assert config["model_type"] == "dallebart" and config["normalize_text"] is True
+    assert any("FlaxBartDecoderLayers" in k for k in flatten(read_msgpack(assets / "dalle-embedded" / "flax_model.msgpack")))
+    dalle = load_dallebart(assets / "dalle-embedded")
+    vqgan = load_vqgan(assets / "vqgan-embedded")
+    clip = load_clip(assets / "clip-embedded")
+    assert dalle.config.image_vocab_size == vqgan.config.n_embed
+    assert dalle.config.image_length == vqgan.config.num_codes
+    text = TextProcessor.from_pretrained(assets / "dalle-embedded")
+    tokens = text(["a red square above a blue circle"])
+    assert list(tokens.input_ids_uncond[0, :3]) == [0, 2, 1]
+    hidden = dalle.encode(dalle.params, jnp.asarray(tokens.input_ids), jnp.asarray(tokens.attention_mask))
+    assert hidden.shape == (1, dalle.config.max_text_length, dalle.config.d_model)
+    images = np.asarray(vqgan.decode(np.zeros((2, vqgan.config.num_codes), np.int32)))
+    assert images.shape == (2, 64, 64, 3)
+    scores = clip.score(data_batch(0, 2, "train").images, ["a red square", "a blue circle"])
+    assert scores.shape == (2, 2) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_interrupted_dallebart_resumes_to_the_same_weights(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from dalle_app.models.dallebart import load_dallebart
+    from dalle_app.models.vqgan import load_vqgan
+    from dalle_app.train.dallebart import train_dallebart
+    from dalle_app.train.profiles import PROFILES
+
+    out, _ = tiny_run
+    shutil.copytree(out / "tokenizers", tmp_path / "tokenizers")
+    vq = load_vqgan(out / "vqgan" / "model")
+    profile = PROFILES["tiny"]
+    cfg = dataclasses.replace(profile.dallebart, steps=10)
+    args = (tmp_path, vq.config, vq.params, tmp_path / "tokenizers" / "dalle", profile.max_text_length, cfg)
+    train_dallebart(*args, deadline=0.0)  # stops (and saves) after its first step
+    assert json.loads((tmp_path / "dallebart" / "log.jsonl").read_text().splitlines()[-1]).get("steps") == 1
+    _, params, report = train_dallebart(*args)
+    assert report["steps"] == 10
+    assert any(r.get("resumed") for r in _log(tmp_path / "dallebart"))
+    straight = load_dallebart(out / "dallebart" / "model").params
+    resumed = load_dallebart(tmp_path / "dallebart" / "model").params
+    from dalle_app.models.weights import flatten
+
+    a, b = flatten(straight), flatten(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_wrong_captions_contradict_the_scene() -> None:
+    from dalle_app.data import sample
+    from dalle_app.train.clip import wrong_caption
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s = sample(rng, "train")
+        wrong = wrong_caption(s, rng)
+        if s.relation is None:
+            o = s.objects[0]
+            assert not (o.color in wrong and o.shape in wrong), (s.caption, wrong)
+        else:
+            assert " and " not in wrong  # a relation-free caption would be true either way round
+            first = min((wrong.find(f"{o.color} {o.shape}"), i) for i, o in enumerate(s.objects))[1]
+            assert first == 1 or s.relation not in wrong, (s.caption, wrong)
