@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size every phase without an explicit step count to this total wall time")
     p.add_argument("--batch-size", type=int, default=None, help="override the batch size of the phase run")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes rendering scenes ahead of the steps (default: the profile's; 0 on CPU)")
+    p.add_argument("--dataset-size", type=int, default=None,
+                   help="DalleBart scenes rendered and encoded once (default: the profile's)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -59,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "export" and args.assets is None:
         raise SystemExit("export needs --assets FOLDER")
     profile: Profile = PROFILES[args.profile]
+    if args.workers is not None:
+        profile = dataclasses.replace(profile, workers=args.workers)
+    if args.dataset_size is not None:
+        profile = dataclasses.replace(profile, dallebart=dataclasses.replace(profile.dallebart,
+                                                                               num_samples=args.dataset_size))
     args.out.mkdir(parents=True, exist_ok=True)
     from dalle_app.train import pipeline
 

@@ -196,7 +196,8 @@ def start_state(folder: Path, log: PhaseLog, params: Any, tx: optax.GradientTran
                 steps: int | None, seconds: float | None, **extras: Any) -> dict[str, Any]:
     """The saved state of the phase if there is one (resume), else a fresh one.
 
-    `steps` None means "decide from `seconds`" (total_steps 0 until `run_loop` has timed a few steps).
+    `steps` None means "decide from `seconds`" (total_steps 0 until `run_loop` has timed a few steps);
+    a `steps` above a resumed state's total extends the run to it.
     """
     if steps is None and seconds is None:
         raise ValueError("give a step count or a time budget")
@@ -205,6 +206,11 @@ def start_state(folder: Path, log: PhaseLog, params: Any, tx: optax.GradientTran
     if state is None:
         return fresh
     log(int(state["step"]), resumed=True, total_steps=int(state["total_steps"]))
+    if steps is not None and steps > int(state["total_steps"]):
+        # An explicit, larger step count continues a finished or running phase: the cosine
+        # schedule is stretched to the new total (the learning rate goes back up part way).
+        state["total_steps"] = steps
+        log(int(state["step"]), extended_to=steps)
     return state
 
 

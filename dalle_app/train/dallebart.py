@@ -39,7 +39,7 @@ from dalle_app.train.common import (
     start_state,
     write_json,
 )
-from dalle_app.train.text import CaptionEncoder
+from dalle_app.train.text import CaptionEncoder, cached_normalizer
 
 PHASE = "dallebart"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -121,11 +121,12 @@ def make_code_encoder(module: VQModel):
     return encode
 
 
-def render_chunk(seed: int, c: int, n: int, chunk: int, split: str) -> tuple[np.ndarray, list[str]]:
-    """Scenes of chunk `c` of an `n`-scene dataset: uint8 images and captions."""
+def render_chunk(seed: int, c: int, n: int, chunk: int, split: str, word_file: Path) -> tuple[np.ndarray, list[str]]:
+    """Scenes of chunk `c` of an `n`-scene dataset: uint8 images and normalized captions."""
     size = min(chunk, n - c * chunk)
     b = data_batch(phase_seed(seed, f"{PHASE}-data-{split}", c), size, split)
-    return b.images, list(b.captions)
+    normalize = cached_normalizer(word_file)
+    return b.images, [normalize(caption) for caption in b.captions]
 
 
 def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEncoder, n: int, seed: int,
@@ -135,7 +136,8 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
     and tokenize their captions."""
     encode = make_code_encoder(vq_module)
     codes, ids, masks = [], [], []
-    chunks = Prefetcher(partial(render_chunk, seed, n=n, chunk=chunk, split=split), workers)
+    chunks = Prefetcher(partial(render_chunk, seed, n=n, chunk=chunk, split=split,
+                                word_file=captions_to_ids.word_file), workers)
     for c, start in enumerate(range(0, n, chunk)):
         size = min(chunk, n - start)
         images, captions = chunks(c)
@@ -144,7 +146,7 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
             part = pixels[i:i + 256]
             padded = np.concatenate([part, np.zeros((256 - len(part),) + part.shape[1:], np.float32)])
             codes.append(np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)].astype(np.uint16))
-        tok = captions_to_ids(captions)
+        tok = captions_to_ids.tokenize_normalized(captions)
         ids.append(tok[0])
         masks.append(tok[1])
         if log is not None and (c + 1) % 10 == 0:

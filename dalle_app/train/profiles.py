@@ -47,6 +47,7 @@ PROFILES: dict[str, Profile] = {
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
         workers=12,
+        tokenizer_captions=5_000,
         budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.7)),
     ),
     "tiny": Profile(

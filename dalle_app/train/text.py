@@ -9,6 +9,7 @@ for the generator's captions (lowercase ASCII words separated by single spaces) 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,30 +38,35 @@ def caption_normalizer(word_file: Path) -> Callable[[str], str]:
         return plain_normalize
 
 
-class CaptionEncoder:
-    """Captions → (input_ids, attention_mask) int32 (N, max_text_length), as the app tokenizes prompts.
+@functools.lru_cache(maxsize=4)
+def cached_normalizer(word_file: Path) -> Callable[[str], str]:
+    """`caption_normalizer` with a memo of the captions seen (the generator repeats them a lot).
 
-    Normalized texts are cached: the generator repeats captions a lot.
+    Cached per word file and per process: worker processes that render scenes build their own once.
     """
+    return functools.lru_cache(maxsize=None)(caption_normalizer(word_file))
+
+
+class CaptionEncoder:
+    """Captions → (input_ids, attention_mask) int32 (N, max_text_length), as the app tokenizes prompts."""
 
     def __init__(self, tokenizer_folder: Path, max_text_length: int) -> None:
         from dalle_app.text import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_folder, max_text_length)
-        self.normalize = caption_normalizer(tokenizer_folder / WORD_FILE)
-        self._cache: dict[str, str] = {}
+        self.word_file = tokenizer_folder / WORD_FILE
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
     def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        texts = []
-        for c in captions:
-            if c not in self._cache:
-                self._cache[c] = self.normalize(c)
-            texts.append(self._cache[c])
-        enc = self.tokenizer.encode_batch(texts)
+        normalize = cached_normalizer(self.word_file)
+        return self.tokenize_normalized([normalize(c) for c in captions])
+
+    def tokenize_normalized(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Already normalized texts → ids and mask."""
+        enc = self.tokenizer.encode_batch(list(texts))
         return (np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32))
 
     def unconditional(self) -> tuple[np.ndarray, np.ndarray]:
