@@ -104,6 +104,13 @@ def check_entry(entry: ModelEntry, describe: Callable[..., tuple[bool, str]]) ->
     return replace(entry, available=True, reason="", note="; ".join(notes))
 
 
+def describe_error(error: Exception) -> str:
+    """The loaders' own errors carry a sentence; anything else (KeyError...) also needs its type."""
+    if isinstance(error, (RuntimeError, ValueError, OSError)) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
 class Catalog:
     """The models the app offers, in display order, with the default one."""
 
@@ -174,7 +181,7 @@ class ModelPool:
                 except MemoryError as e:
                     raise ModelLoadError(f"Not enough memory to load model {name!r}.") from e
                 except Exception as e:  # any loader failure must stay this request's failure
-                    raise ModelLoadError(f"Could not load model {name!r}: {e}") from e
+                    raise ModelLoadError(f"Could not load model {name!r}: {describe_error(e)}") from e
             return self._loaded[name]
 
     def loaded(self) -> list[str]:

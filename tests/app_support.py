@@ -103,3 +103,18 @@ def recording_scheduler(pipeline, **kwargs):
             return job
 
     return Recording(pipeline, **kwargs)
+
+
+class OutOfMemoryPipeline(SlowPipeline):
+    """A real pipeline that fails like XLA does when a decoding loop has more than `max_rows` images."""
+
+    def __init__(self, pipeline, max_rows: int) -> None:
+        super().__init__(pipeline, 0.0)
+        self.max_rows = max_rows
+        self.loop_sizes: list[int] = []
+
+    def generate_codes(self, rows, progress=None, progress_every=None, steps=None):
+        self.loop_sizes.append(len(rows))
+        if len(rows) > self.max_rows:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.")
+        return super().generate_codes(rows, progress, progress_every, steps)

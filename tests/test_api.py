@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from dalle_app import images as pngs
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry
 from dalle_app.hub import describe_availability
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app
-from tests.app_support import SlowPipeline, make_tiny_models, recording_scheduler, serve
+from tests.app_support import OutOfMemoryPipeline, SlowPipeline, make_tiny_models, recording_scheduler, serve
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,6 +54,8 @@ def server(tmp_path_factory):
         ModelEntry("corrupt", "Corrupt msgpack", corrupt),
         ModelEntry("missing", "Missing tokenizer", missing),
         ModelEntry("vanished", "Weights deleted after startup", vanished),
+        ModelEntry("oom2", "Out of memory beyond 2 images", parts),
+        ModelEntry("oom0", "Out of memory always", parts),
         ModelEntry("offline", "Repo not in the cache", {"dalle": "nobody/not-downloaded", "vqgan": None, "clip": None}),
     ]
     catalog = Catalog([check_entry(e, describe_availability) for e in entries], "tiny")
@@ -64,6 +67,8 @@ def server(tmp_path_factory):
         pipeline = DallePipeline.from_pretrained(**entry.parts)
         if entry.name == "slow":
             return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=4, preview_every=8, gather_s=0.3)
+        if entry.name.startswith("oom"):
+            return recording_scheduler(OutOfMemoryPipeline(pipeline, int(entry.name[3:])))
         if entry.name == "tight":
             return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=4, max_queue=1, gather_s=0.0)
         return recording_scheduler(pipeline)
@@ -238,6 +243,15 @@ def test_a_corrupt_checkpoint_fails_only_its_own_requests(client):
     assert len(gallery) == 1 and summary["model"] == "tiny"
 
 
+def test_out_of_memory_is_retried_smaller_then_reported(server, client):
+    gallery, summary = generate(client, prompt="a red square", model="oom2", num_images=4, seed=8)
+    assert len(gallery) == 4 and sorted(summary["seeds"]) == [8, 9, 10, 11]
+    assert server[1].get("oom2").pipeline.loop_sizes == [4, 2, 2]
+    with pytest.raises(AppError, match="Out of memory while generating: try fewer images"):
+        generate(client, prompt="a red square", model="oom0", num_images=2)
+    assert len(generate(client, prompt="a red square", num_images=1)[0]) == 1
+
+
 def test_cancelling_one_request_leaves_the_others_in_its_batch_alone(server):
     url, pool = server
     scheduler = pool.get("slow")
@@ -300,12 +314,16 @@ def test_a_full_scheduler_queue_answers_busy(server):
     assert len(busy) + len(done) == 4
 
 
+STRAY_TEMP_FILE = str(Path(tempfile.gettempdir()) / "dalle_app_not_served.txt")
+
+
 @pytest.mark.parametrize(
     "path",
     ["/etc/passwd", str(Path(__file__).resolve()), str(Path(__file__).resolve().parents[1] / "app.py"),
-     str(Path(__file__).resolve().parents[1] / "assets"), "../../etc/passwd"],
+     str(Path(__file__).resolve().parents[1] / "assets"), "../../etc/passwd", STRAY_TEMP_FILE],
 )
 def test_only_generated_files_are_served(server, path):
+    Path(STRAY_TEMP_FILE).write_text("private")  # in the temp dir, but never returned by the app
     with httpx.Client(base_url=server[0], timeout=30) as http:
         response = http.get(f"/gradio_api/file={path}")
     assert response.status_code in (403, 404), (path, response.status_code)
