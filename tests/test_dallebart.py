@@ -24,7 +24,8 @@ from dalle_app.models.dallebart import (
     abstract_params,
     init_cache,
     load_dallebart,
-    unstack_layer_shapes,
+    scanned_layer_shapes,
+    unstack_layers,
 )
 
 TINY_UNSCANNED = "dallebart_tiny_a"
@@ -55,8 +56,8 @@ def test_param_tree_matches_published_spec(specs_dir: Path, name: str) -> None:
     spec = json.loads((specs_dir / f"{name}.spec.json").read_text())
     config = DalleBartConfig.from_dict(spec["config"])
     shapes = {k: tuple(v.shape) for k, v in abstract_params(config).items()}
-    if not spec["config"]["use_scan"]:
-        shapes = unstack_layer_shapes(shapes)
+    if spec["config"]["use_scan"]:
+        shapes = scanned_layer_shapes(shapes)
     assert shapes == {k: tuple(v) for k, v in spec["params"].items()}
     assert sum(int(np.prod(s)) for s in shapes.values()) == spec["num_params"]
 
@@ -173,9 +174,9 @@ def _teacher_forced(model, exp: dict) -> jax.Array:
     return jax.jit(model.decode)(model.params, exp["decoder_input_ids"], hidden, exp["attention_mask"])
 
 
-@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
-def test_half_precision_weight_files_load(tmp_path: Path, reference_dir: Path, stored: str) -> None:
-    folder = _copy_folder(reference_dir / TINY_UNSCANNED, tmp_path / "m")
+@pytest.mark.parametrize(("stored", "fixture"), [("float16", TINY_UNSCANNED), ("bfloat16", TINY_SCANNED)])
+def test_half_precision_weight_files_load(tmp_path: Path, reference_dir: Path, stored: str, fixture: str) -> None:
+    folder = _copy_folder(reference_dir / fixture, tmp_path / "m")
     original = _read_flat(folder)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(np.float16)
     _write_params(folder, {k: v.astype(np_dtype) for k, v in original.items()})
@@ -183,15 +184,15 @@ def test_half_precision_weight_files_load(tmp_path: Path, reference_dir: Path, s
 
     model = load_dallebart(folder, dtype=jnp.float32)  # stored half, computed in float32
     loaded = weights.flatten(model.params)
-    scanned = "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_0/kernel"
-    assert loaded[scanned].dtype == jnp.float32
-    per_layer = np.stack([original[scanned.replace("FlaxBartDecoderLayers", f"FlaxBartDecoderLayer_{i}")]
-                          for i in range(model.config.decoder_layers)])
-    np.testing.assert_allclose(np.asarray(loaded[scanned]), per_layer, rtol=1e-2, atol=1e-3)
+    want = unstack_layers(original)  # the module's per-layer naming
+    assert set(loaded) == set(want)
+    for path, leaf in loaded.items():
+        assert leaf.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(leaf), want[path], rtol=1e-2, atol=1e-3, err_msg=path)
 
-    exp, want = _reference_logits(reference_dir, TINY_UNSCANNED)
+    exp, want_logits = _reference_logits(reference_dir, fixture)
     got = np.asarray(_teacher_forced(model, exp))
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(got - want_logits).max() < 0.05 * np.abs(want_logits).max()
 
 
 @pytest.mark.parametrize(("compute", "rel_tol"), [(jnp.float16, 0.01), (jnp.bfloat16, 0.05)])
@@ -232,18 +233,18 @@ SMALL = dict(encoder_vocab_size=30, image_vocab_size=20, image_length=6, max_tex
 @pytest.mark.parametrize(
     ("flags", "present", "absent"),
     [
-        ({}, ["model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/kernel", "model/decoder/final_ln/bias"],
+        ({}, ["model/decoder/layers/FlaxBartDecoderLayer_1/GLU_0/Dense_2/kernel", "model/decoder/final_ln/bias"],
          ["proj/bias", "Dense_2/bias", "head_scale", "final_ln/scale", "LayerNorm_0/scale"]),
         ({"use_bias": True, "use_head_scale": True, "force_ln_scale": True, "scale_embedding": True,
           "activation_function": "gelu_new"},
-         ["model/encoder/layers/FlaxBartEncoderLayers/FlaxBartAttention_0/q_proj/bias",
-          "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_2/bias",
-          "model/decoder/layers/FlaxBartDecoderLayers/FlaxBartAttention_1/head_scale",
-          "model/encoder/final_ln/scale", "model/encoder/layers/FlaxBartEncoderLayers/LayerNorm_0/scale"],
+         ["model/encoder/layers/FlaxBartEncoderLayer_0/FlaxBartAttention_0/q_proj/bias",
+          "model/decoder/layers/FlaxBartDecoderLayer_1/GLU_0/Dense_2/bias",
+          "model/decoder/layers/FlaxBartDecoderLayer_1/FlaxBartAttention_1/head_scale",
+          "model/encoder/final_ln/scale", "model/encoder/layers/FlaxBartEncoderLayer_0/LayerNorm_0/scale"],
          ["lm_head/bias"]),
         ({"use_glu": False, "activation_function": "relu", "use_subln_init": True,
           "use_final_ln_decoder": False, "use_absolute_position_embeddings": False},
-         ["model/encoder/layers/FlaxBartEncoderLayers/FFN_0/Dense_1/kernel", "model/encoder/final_ln/bias"],
+         ["model/encoder/layers/FlaxBartEncoderLayer_0/FFN_0/Dense_1/kernel", "model/encoder/final_ln/bias"],
          ["GLU_0", "model/decoder/final_ln", "embed_positions"]),
     ],
 )
