@@ -15,7 +15,7 @@ from dalle_app import runtime
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
 from dalle_app.sampling import (
     Sampler, bucket_size, cross_kv, decoder_hidden, empty_cache, filter_logits, guide, guided_logits,
-    image_seed, prepare_decoder, sample,
+    image_seed, prepare_decoder, sample, sample_filtered,
 )
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
@@ -112,6 +112,20 @@ def test_filter_settings_are_per_row() -> None:
         alone = filter_logits(logits[row:row + 1], temperature[row:row + 1], top_k[row:row + 1],
                               top_p[row:row + 1], 100)
         np.testing.assert_array_equal(together[row], np.asarray(alone)[0])
+
+
+@pytest.mark.parametrize("top_k", [[50, 50, 1, 256], [0, 50, 5, 3], [300, 10, 10, 10]])
+def test_fast_sampling_draws_the_same_tokens(top_k: list[int]) -> None:
+    """The top-k shortcut (all rows' top_k ≤ 256) and the full sort draw the same tokens as
+    sampling from the filtered logits, row by row."""
+    rng = np.random.default_rng(sum(top_k))
+    logits = jnp.asarray(rng.normal(size=(4, 1001)).astype(np.float32) * 3)
+    temperature, top_p = jnp.array([1.0, 0.8, 1.5, 1.0]), jnp.array([1.0, 0.9, 0.5, 0.7])
+    k = jnp.array(top_k, jnp.int32)
+    for seed in range(5):
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(4, dtype=jnp.uint32) + 10 * seed)
+        want = sample(keys, filter_logits(logits, temperature, k, top_p, 1000))
+        np.testing.assert_array_equal(sample_filtered(keys, logits, temperature, k, top_p, 1000), want)
 
 
 def test_guidance_and_sampling_stay_on_image_codes() -> None:

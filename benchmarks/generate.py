@@ -1,0 +1,190 @@
+"""Time text → codes (→ images → CLIP scores) at the published sizes, with random weights.
+
+Builds DALL·E Mini or Mega from the real config (tests/fixtures/specs/dalle_{mini,mega}_config.json)
+with random weights made leaf by leaf directly in the compute dtype (no download; peak memory
+stays near one copy of the weights), plus, on request, the real-size VQGAN and CLIP ViT-B/32,
+and runs the app's DallePipeline on one prompt. Compilation is timed separately (a warm-up
+call); the reported times are the best of --repeats calls.
+
+    JAX_PLATFORMS=cpu python benchmarks/generate.py --size mini --images 9 --dtype float32 --decode
+
+Progress goes to stderr; the last stdout line is one JSON object:
+images, gen_s (encode + sampling), encode_s, decode_s (--decode), clip_s (--clip), total_s,
+compile_s, tokens_per_s (codes sampled per second), peak_rss_mb, and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import string
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dalle_app import runtime  # noqa: E402
+from dalle_app.models import weights  # noqa: E402
+from dalle_app.models.dallebart import DalleBart, DalleBartConfig, DalleBartModel, abstract_params  # noqa: E402
+from dalle_app.pipeline import DallePipeline  # noqa: E402
+from dalle_app.text import TextProcessor, load_tokenizer  # noqa: E402
+
+SPECS = ROOT / "tests" / "fixtures" / "specs"
+TOKENIZER = ROOT / "tests" / "fixtures" / "reference" / "dallebart_tiny_a"  # any BART BPE will do
+PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls flying"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def random_leaf(shape: tuple[int, ...], dtype: jnp.dtype, std: float, kind: str,
+                rng: np.random.Generator) -> jax.Array:
+    """One parameter made on the host slice by slice in its final dtype, then moved to the device."""
+    host = np.empty(shape, np.dtype(dtype))
+    if kind == "scale":
+        host[...] = 1
+    elif kind == "bias":
+        host[...] = 0
+    else:
+        for i in range(shape[0]):  # a layer (or a row block) at a time: small float32 temporaries
+            host[i] = (rng.standard_normal(shape[1:], np.float32) * std).astype(host.dtype)
+    leaf = jnp.asarray(host)
+    del host
+    return leaf
+
+
+def random_dallebart(config: DalleBartConfig, dtype: jnp.dtype, seed: int = 0) -> DalleBartModel:
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, spec in sorted(abstract_params(config, dtype).items()):
+        kind = path.rsplit("/", 1)[-1]
+        flat[path] = random_leaf(tuple(spec.shape), dtype, config.init_std, kind, rng)
+    return DalleBartModel(config, DalleBart(config, dtype), weights.unflatten(flat))
+
+
+def random_vqgan(dtype: jnp.dtype):
+    from dalle_app.models.vqgan import VQGAN, VQGANConfig, build_vqgan, param_shapes
+
+    config = VQGANConfig.from_dict(json.loads((SPECS / "vqgan_imagenet_f16_16384.spec.json").read_text())["config"])
+    rng = np.random.default_rng(1)
+    flat = {}
+    for path, shape in param_shapes(config).items():
+        kind = path.rsplit("/", 1)[-1]
+        fan_in = int(np.prod(shape[:-1])) if kind == "kernel" else 1
+        flat[path] = random_leaf(tuple(shape), jnp.float32, 1 / np.sqrt(fan_in), kind, rng)
+    return VQGAN(config, build_vqgan(config, dtype), weights.unflatten(flat))
+
+
+def random_clip(dtype: jnp.dtype):
+    """CLIP ViT-B/32 with random weights and a letters-only tokenizer (ids are all that matter)."""
+    from transformers import CLIPTokenizer
+
+    from dalle_app.models.clip import CLIP, CLIPConfig, build_clip, param_shapes
+    from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, CLIPTextTokenizer
+
+    config = CLIPConfig.from_dict(json.loads((SPECS / "clip_vit_base_patch32.safetensors.spec.json").read_text())["config"])
+    rng = np.random.default_rng(2)
+    flat = {}
+    for path, shape in param_shapes(config).items():
+        kind = path.rsplit("/", 1)[-1]
+        flat[path] = random_leaf(tuple(shape), dtype, 0.02, kind, rng)
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    tokenizer = CLIPTextTokenizer(CLIPTokenizer(vocab=vocab, merges=[]), config.text.max_position_embeddings)
+    return CLIP(config, build_clip(config, dtype), weights.unflatten(flat),
+                CLIPImagePreprocessor.for_image_size(config.vision.image_size), tokenizer)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["mini", "mega"], default="mini")
+    parser.add_argument("--images", type=int, default=9)
+    parser.add_argument("--dtype", choices=sorted(runtime.DTYPES), default=None,
+                        help="compute dtype (default: the backend's default)")
+    parser.add_argument("--decode", action="store_true", help="also decode the images with the VQGAN")
+    parser.add_argument("--clip", action="store_true", help="also score them with CLIP ViT-B/32")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--cond-scale", type=float, default=10.0)
+    args = parser.parse_args()
+    args.decode = args.decode or args.clip  # CLIP scores decoded images
+
+    runtime.configure(cache_dir=False)  # time real compilation, not a disk cache hit
+    dtype = runtime.resolve_dtype(args.dtype)
+    config = DalleBartConfig.from_dict(json.loads((SPECS / f"dalle_{args.size}_config.json").read_text()))
+    log(f"backend {jax.default_backend()} ({len(jax.local_devices())} device(s)), {args.size}, "
+        f"{runtime.dtype_name(dtype)}, {args.images} image(s)")
+    t = time.perf_counter()
+    dalle = random_dallebart(config, dtype)
+    jax.block_until_ready(dalle.params)
+    log(f"random DalleBart made in {time.perf_counter() - t:.1f}s, peak RSS {peak_rss_mb():.0f} MB")
+    text = TextProcessor(load_tokenizer(TOKENIZER, config.max_text_length), config.max_text_length, None)
+    vqgan = random_vqgan(jnp.float32)
+    clip = random_clip(jnp.float32) if args.clip else None
+    pipe = DallePipeline(dalle, text, vqgan, clip, batch_buckets=(args.images,))
+
+    t = time.perf_counter()
+    pipe.generate_codes(pipe_rows(args), steps=0)
+    compile_s = time.perf_counter() - t
+    if args.decode:
+        t = time.perf_counter()
+        pipe.decode_images(np.zeros((args.images, config.image_length), np.int32))
+        compile_s += time.perf_counter() - t
+    if clip is not None:
+        images = pipe.decode_images(np.zeros((1, config.image_length), np.int32))
+        t = time.perf_counter()
+        pipe.score(PROMPT, images * args.images)
+        compile_s += time.perf_counter() - t
+    log(f"compiled in {compile_s:.1f}s (warm-up, includes one decode/score run)")
+
+    runs = []
+    for r in range(args.repeats):
+        codes, timings = pipe.generate_codes(pipe_rows(args))
+        if args.decode:
+            t = time.perf_counter()
+            images = pipe.decode_images(codes)
+            timings["decode_s"] = time.perf_counter() - t
+            if clip is not None:
+                t = time.perf_counter()
+                pipe.score(PROMPT, images)
+                timings["clip_s"] = time.perf_counter() - t
+        timings["gen_s"] = timings["encode_s"] + timings["generate_s"]
+        runs.append(timings)
+        log(f"run {r + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    best = {k: min(run[k] for run in runs) for k in runs[0]}
+    result = {
+        "size": args.size, "dtype": runtime.dtype_name(dtype), "backend": jax.default_backend(),
+        "images": args.images, "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
+        "total_s": round(sum(best.get(k, 0.0) for k in ("gen_s", "decode_s", "clip_s")), 3),
+        "compile_s": round(compile_s, 2),
+        "tokens_per_s": round(args.images * config.image_length / best["gen_s"], 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "weights_mb": round(sum(x.nbytes for x in jax.tree_util.tree_leaves(dalle.params)) / 2**20),
+    }
+    print(json.dumps(result))
+
+
+def pipe_rows(args: argparse.Namespace) -> list:
+    from dalle_app.pipeline import ImageSpec
+
+    return [ImageSpec(PROMPT, seed=i, top_k=args.top_k, cond_scale=args.cond_scale) for i in range(args.images)]
+
+
+if __name__ == "__main__":
+    main()
