@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUEST_HTTP_TIMEOUT_S = 120  # a saturated CPU server may take longer than httpx's 5 s to accept a job
 BUSY_MARKERS = ("server is busy", "queue is full")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 SHAPES = ("square", "circle", "triangle", "diamond", "star", "cross")
@@ -108,20 +110,25 @@ def rss_mb(pid: int) -> float:
 
 
 class Users:
-    """One gradio_client per worker thread: each simulated user is its own session."""
+    """Simulated users, one gradio_client (one session) each, opened before they are timed."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.local = threading.local()
         self.all: list[Client] = []
-        self.lock = threading.Lock()
+        self.idle: queue.Queue[Client] = queue.Queue()
 
-    def client(self) -> Client:
-        if not hasattr(self.local, "client"):
-            self.local.client = Client(self.url, verbose=False, download_files=False)
-            with self.lock:
-                self.all.append(self.local.client)
-        return self.local.client
+    def ensure(self, n: int) -> None:
+        """Open sessions until there are `n` users (a few at a time, not to time out the server)."""
+        missing = n - len(self.all)
+        if missing <= 0:
+            return
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            opened = list(pool.map(lambda _: Client(self.url, verbose=False, download_files=False,
+                                                    httpx_kwargs={"timeout": REQUEST_HTTP_TIMEOUT_S}),
+                                   range(missing)))
+        self.all.extend(opened)
+        for c in opened:
+            self.idle.put(c)
 
     def close(self) -> None:
         for c in self.all:
@@ -129,13 +136,22 @@ class Users:
 
 
 def one_request(users: Users, i: int, num_images: int, model: str | None, tally: Tally, timeout_s: float) -> None:
+    client = users.idle.get()
+    try:
+        request(client, i, num_images, model, tally, timeout_s)
+    finally:
+        users.idle.put(client)
+
+
+def request(client: Client, i: int, num_images: int, model: str | None, tally: Tally, timeout_s: float) -> None:
+    """One user's request, checked: it must come back with its own prompt and seeds."""
     prompt, seed = prompt_for(i), 1000 + i
     kwargs = dict(prompt=prompt, num_images=num_images, seed=seed, api_name="/generate")
     if model:
         kwargs["model"] = model
     start = time.monotonic()
     try:
-        job = users.client().submit(**kwargs)
+        job = client.submit(**kwargs)
         gallery, summary = job.result(timeout=timeout_s)
     except AppError as e:
         busy = any(m in str(e).lower() for m in BUSY_MARKERS)
@@ -173,6 +189,7 @@ def one_request(users: Users, i: int, num_images: int, model: str | None, tally:
 def run_phase(users: Users, start: int, count: int, concurrent: int, num_images: int, model: str | None,
               timeout_s: float) -> Tally:
     tally = Tally()
+    users.ensure(concurrent)
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
         for i in range(start, start + count):
             pool.submit(one_request, users, i, num_images, model, tally, timeout_s)

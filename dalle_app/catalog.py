@@ -184,5 +184,6 @@ class ModelPool:
                     raise ModelLoadError(f"Could not load model {name!r}: {describe_error(e)}") from e
             return self._loaded[name]
 
-    def loaded(self) -> list[str]:
-        return list(self._loaded)
+    def loaded(self, name: str) -> Any | None:
+        """The scheduler for `name` if it is already loaded, else None (never loads)."""
+        return self._loaded.get(name)

@@ -34,12 +34,13 @@ from dalle_app.validation import NUMBERS, SEED_DEFAULT, ValidationError, ValidRe
 log = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "The server is busy: too many requests are waiting. Please try again in a minute."
+CONCURRENCY = 256
+"""Generate events running at once. A running event only awaits its scheduler job (no thread),
+so this is well above the scheduler's own bound: every request reaches the scheduler, which
+batches those waiting into its next decoding loop and answers BUSY_MESSAGE beyond its queue
+(64 waiting jobs per model)."""
 MAX_QUEUE = 64
-"""Requests waiting in Gradio's queue (and, separately, in each model's scheduler) before
-new ones are answered with BUSY_MESSAGE / Gradio's "Queue is full"."""
-CONCURRENCY = 64
-"""Generate events running at once. They only wait on the scheduler (no thread each), so this is
-high: every waiting request must reach the scheduler to share its next decoding loop."""
+"""Events Gradio holds beyond CONCURRENCY (a safety net; clients then see "Queue is full")."""
 GRID_MAX_AGE_S = 900
 
 EXAMPLES = [
@@ -111,8 +112,8 @@ class Handlers:
             raise _error(str(e)) from None
 
     async def _submit(self, request: ValidRequest) -> Job:
-        try:
-            scheduler = await asyncio.to_thread(self.pool.get, request.model)
+        try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
+            scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
         except ModelLoadError as e:
             raise _error(str(e)) from None
         try:
