@@ -115,8 +115,15 @@ def _norm(config: DalleBartConfig, dtype: Any, scaled: bool, name: str | None = 
     return LayerNorm(use_scale=scaled or config.force_ln_scale, dtype=dtype, name=name)
 
 
+def _precision(dtype: Any) -> lax.Precision:
+    """Full float32 matmuls when computing in float32 (GPUs would otherwise use TF32 and drift
+    ~1e-3 from the reference); half-precision dtypes keep the backend default."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
 def _dense(config: DalleBartConfig, features: int, dtype: Any, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=config.use_bias, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.Dense(features, use_bias=config.use_bias, dtype=dtype, param_dtype=dtype,
+                    precision=_precision(dtype), name=name)
 
 
 def attention_bias(mask: jax.Array, dtype: Any) -> jax.Array:
@@ -151,10 +158,10 @@ class FlaxBartAttention(nn.Module):
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
         """Queries from x (B, L, d) attend over k, v (B, S, H, hd); bias broadcasts to (B, H, L, S)."""
         q = self._split_heads(self.q_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_precision(self.dtype))
         logits = logits / jnp.sqrt(q.shape[-1]).astype(self.dtype)  # after QKᵀ, as 0.1.5
         probs = jax.nn.softmax(logits + bias).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_precision(self.dtype))
         if self.config.use_head_scale:
             out = out * self.head_scale
         return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
@@ -388,6 +395,7 @@ class DalleBart(nn.Module):
     def setup(self) -> None:
         self.model = FlaxBartModule(self.config, self.dtype)
         self.lm_head = nn.Dense(self.config.num_image_tokens, use_bias=False, dtype=self.dtype,
+                                precision=_precision(self.dtype),
                                 param_dtype=self.dtype)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
