@@ -491,7 +491,14 @@ class VQModel(nn.Module):
 
 @partial(jax.jit, static_argnums=0)
 def _decode_codes(module: VQModel, params: Tree, codes: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, codes, method=VQModel.decode_codes)
+    def decode(batch: jax.Array) -> jax.Array:
+        return module.apply({"params": params}, batch, method=VQModel.decode_codes)
+
+    if jax.default_backend() == "cpu" and codes.shape[0] > 1:
+        # One image at a time on CPU: a 256x256x128 activation (32 MiB) stays near the cache, a
+        # batch of them does not; measured ~17% less CPU time per image at batch 4.
+        return jax.lax.map(lambda one: decode(one[None])[0], codes)
+    return decode(codes)
 
 
 @partial(jax.jit, static_argnums=0)
