@@ -277,3 +277,13 @@ def test_implemented_flags(flags: dict, present: list[str], absent: list[str]) -
     for t in range(6):
         logits, cache = step(image[:, t], jnp.int32(t), cache, cross, mask)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(teacher[:, t]), atol=1e-5)
+
+
+def test_every_accepted_activation_is_implemented() -> None:
+    from dalle_app.models.dallebart import ACTIVATIONS
+    from dalle_app.models.dallebart_config import ACTIVATION_NAMES
+
+    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+    x = jnp.linspace(-3.0, 3.0, 7)
+    exact = 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
+    np.testing.assert_allclose(np.asarray(ACTIVATIONS["gelu"](x)), np.asarray(exact), atol=1e-6)
