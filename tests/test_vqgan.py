@@ -55,7 +55,8 @@ def test_config_reads_folder_and_ignores_transformers_keys(reference_dir: Path) 
     assert config.num_codes == (raw["resolution"] // 2 ** (len(raw["ch_mult"]) - 1)) ** 2
 
 
-@pytest.mark.parametrize(("flag", "value"), [("double_z", True), ("give_pre_end", True), ("num_resolutions", 4)])
+@pytest.mark.parametrize(("flag", "value"),
+                         [("double_z", True), ("give_pre_end", True), ("num_resolutions", 4)])
 def test_unsupported_flags_are_named(flag: str, value: object) -> None:
     with pytest.raises(UnsupportedVQGANConfig, match=flag):
         VQGANConfig.from_dict({**TINY.to_dict(), flag: value})
@@ -70,7 +71,8 @@ def test_channels_must_suit_groupnorm() -> None:
 def test_save_load_round_trip(tmp_path: Path, tiny_params: dict) -> None:
     save_vqgan(tmp_path, TINY, tiny_params)
     raw = flax.serialization.msgpack_restore((tmp_path / "flax_model.msgpack").read_bytes())
-    assert set(raw) == {"decoder", "encoder", "post_quant_conv", "quant_conv", "quantize"}  # no "params" wrapper
+    # the published layout: no "params" wrapper
+    assert set(raw) == {"decoder", "encoder", "post_quant_conv", "quant_conv", "quantize"}
     vq = load_vqgan(tmp_path)
     assert vq.config == TINY
     for key, leaf in flatten(tiny_params).items():

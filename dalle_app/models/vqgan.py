@@ -186,7 +186,8 @@ def _norm(dtype: Any, name: str, swish: bool = False) -> GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus a 1x1 `nin_shortcut` when channels change."""
+    """norm1 → swish → conv1 → norm2 → swish → dropout → conv2, plus x (through a 1x1
+    `nin_shortcut` when the channel count changes)."""
 
     out_channels: int
     dropout: float = 0.0
@@ -213,7 +214,8 @@ class AttnBlock(nn.Module):
         b, hh, ww, c = x.shape
         h = _norm(self.dtype, "norm")(x)
         q, k, v = (_conv(c, 1, self.dtype, n)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
-        weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k, precision=PRECISION) * (int(c) ** -0.5), axis=-1)
+        scores = jnp.einsum("bqc,bkc->bqk", q, k, precision=PRECISION) * (int(c) ** -0.5)
+        weights = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bqk,bkc->bqc", weights, v, precision=PRECISION).reshape(b, hh, ww, c)
         return x + _conv(c, 1, self.dtype, "proj_out")(out)
 
@@ -251,7 +253,8 @@ class UpsampleConv(nn.Module):
         b, h, w, c = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        phase_kernels = [_fold_taps(rows, 1) for rows in _fold_taps(kernel.astype(self.dtype), 0)]  # [a][b]: 2x2
+        # phase_kernels[a][b]: the 2x2 kernel for output rows of parity a and columns of parity b
+        phase_kernels = [_fold_taps(rows, 1) for rows in _fold_taps(kernel.astype(self.dtype), 0)]
         xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         rows = []
         for a in range(2):
@@ -281,7 +284,8 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Zero-pad bottom/right by one, 3x3 stride-2 VALID `conv` (taming's F.pad(0,1,0,1)); else 2x2 average pool."""
+    """Zero-pad bottom/right by one, then a 3x3 stride-2 VALID `conv` (taming's F.pad(0,1,0,1));
+    without `with_conv`, a 2x2 average pool."""
 
     with_conv: bool
     dtype: Any = jnp.float32
@@ -394,7 +398,8 @@ class VectorQuantizer(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.embedding = nn.Embed(self.n_embed, self.embed_dim, dtype=self.dtype, embedding_init=_codebook_init)
+        self.embedding = nn.Embed(self.n_embed, self.embed_dim, dtype=self.dtype,
+                                  embedding_init=_codebook_init)
 
     def nearest(self, z: jax.Array) -> jax.Array:
         """Index of the nearest code for each vector of z (..., embed_dim); ties go to the lowest index.
@@ -462,7 +467,8 @@ class VQModel(nn.Module):
         side = self.config.latent_size
         if codes.shape[-1] != side * side:
             raise ValueError(f"expected {side * side} codes per image ({side}x{side}), got {codes.shape[-1]}")
-        z_q = self.quantize(codes.astype(jnp.int32)).reshape(codes.shape[0], side, side, self.config.embed_dim)
+        z_q = self.quantize(codes.astype(jnp.int32))
+        z_q = z_q.reshape(codes.shape[0], side, side, self.config.embed_dim)
         return self.decode(z_q).astype(jnp.float32)
 
     def encode_pixels(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -559,7 +565,8 @@ def param_shapes(config: VQGANConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _squeeze_legacy_norms(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
-    """Accept GroupNorm params saved by flax <= 0.3.5 as (1, 1, 1, C) (e.g. valhalla/vqgan-imagenet-f16-1024)."""
+    """Accept GroupNorm params that flax <= 0.3.5 saved as (1, 1, 1, C)
+    (e.g. valhalla/vqgan-imagenet-f16-1024)."""
     for key, shape in expected.items():
         leaf = flat.get(key)
         if leaf is not None and len(shape) == 1 and np.shape(leaf) == (1, 1, 1, shape[0]):
