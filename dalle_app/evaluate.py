@@ -17,10 +17,14 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``clip_top1_accuracy``: all prompts, the CLIP-best image is correct.
 * ``random_pick_accuracy``: all prompts, mean over every image (what a random pick gets).
 * ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
-* ``oracle_vqgan_roundtrip_accuracy``: the same on those renders after the model's VQGAN encoded
-  and decoded them: the ceiling of every figure below, given the VQGAN (model runs only).
-* ``seen_accuracy``: the same judgement, all images, on ``--n-seen-prompts`` prompts built from
-  combinations training does show (how well the model learned its world at all).
+* ``color_accuracy`` / ``shape_accuracy``: all prompts, all images, every asked color / shape
+  is on some object (partial credit: where a model fails).
+* ``vqgan_roundtrip_accuracy`` (``_color_`` / ``_shape_``): ground-truth held-out renders encoded
+  and decoded by the model's VQGAN, judged against their own scene: the ceiling of the figures
+  above, given the VQGAN (model runs only).
+* ``seen_accuracy`` (``_top1_``, ``_color_``, ``_shape_``): the same judgements on
+  ``--n-seen-prompts`` prompts built from combinations training does show (how well the model
+  learned its world at all).
 
 ``--generator truth`` swaps the model for ground-truth renders with random scores: a check of the
 harness itself (accuracies near 1, CLIP-top-1 equal to random pick), needing no model.
@@ -37,7 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dalle_app.data import Prompt, Target, batch, heldout_prompts, render_prompt
+from dalle_app.data import Prompt, Sample, Target, batch, heldout_prompts, render_prompt
 from dalle_app.data.captions import with_article
 from dalle_app.data.world import INVERSE, RELATIONS, heldout_triples, training_pairs
 from dalle_app.oracle import detect, matches, recovers_scene, satisfies
@@ -49,14 +53,37 @@ GROUND_TRUTH_SAMPLES = 200
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The oracle on one image for one prompt: fully right, and which parts are right."""
+
+    correct: bool  # satisfies the prompt (oracle.satisfies)
+    objects: bool  # every asked object present (color, shape, size), relation ignored
+    colors: bool  # every asked color present on some object
+    shapes: bool  # every asked shape present on some object
+
+
+def verdict(image: np.ndarray, prompt: Prompt) -> Verdict:
+    found = detect(image)
+    return Verdict(
+        correct=satisfies(image, prompt),
+        objects=all(any(matches(d, t) for d in found) for t in prompt.targets),
+        colors=all(any(d.color == t.color for d in found) for t in prompt.targets),
+        shapes=all(any(d.shape == t.shape for d in found) for t in prompt.targets),
+    )
+
+
+@dataclass(frozen=True)
 class Judged:
     """The oracle's verdicts on one prompt's images, in ranking order (best CLIP score first)."""
 
     prompt: Prompt
-    correct: list[bool]
-    objects_present: list[bool]  # relation prompts: both objects there, relation ignored
+    verdicts: list[Verdict]
     scores: list[float]
     images: list[np.ndarray]
+
+    @property
+    def correct(self) -> list[bool]:
+        return [v.correct for v in self.verdicts]
 
 
 class PipelineGenerator:
@@ -130,24 +157,34 @@ def seen_prompts(n: int, seed: int = 0) -> list[Prompt]:
 
 def judge(prompts: Sequence[Prompt], generate: Generator, images_per_prompt: int, seed: int) -> list[Judged]:
     generated = generate([p.text for p in prompts], images_per_prompt, seed)
-    judged = []
-    for prompt, ranked in zip(prompts, generated):
-        correct, present = [], []
-        for image, _ in ranked:
-            correct.append(satisfies(image, prompt))
-            found = detect(image)
-            present.append(all(any(matches(d, t) for d in found) for t in prompt.targets))
-        judged.append(Judged(prompt, correct, present, [s for _, s in ranked], [im for im, _ in ranked]))
-    return judged
+    return [
+        Judged(prompt, [verdict(image, prompt) for image, _ in ranked], [s for _, s in ranked], [im for im, _ in ranked])
+        for prompt, ranked in zip(prompts, generated)
+    ]
 
 
-def oracle_ground_truth_accuracy(
-    n: int = GROUND_TRUTH_SAMPLES, seed: int = 0, transform: Callable[[np.ndarray], np.ndarray] | None = None
-) -> float:
-    """Exact scene recovery on fresh ground-truth held-out renders (optionally transformed first)."""
+def scene_prompt(sample: Sample) -> Prompt:
+    """The prompt a sample's scene answers exactly: its objects with their sizes, its relation."""
+    targets = [Target(o.color, o.shape, o.size) for o in sample.objects]
+    return Prompt(sample.caption, targets, sample.relation, "single" if sample.relation is None else "relation")
+
+
+def oracle_ground_truth_accuracy(n: int = GROUND_TRUTH_SAMPLES, seed: int = 0) -> float:
+    """Exact scene recovery (objects, sizes, positions, relation) on fresh ground-truth held-out renders."""
     truth = batch(seed=10_000 + seed, n=n, split="heldout")
-    images = truth.images if transform is None else transform(truth.images)
-    return float(np.mean([recovers_scene(im, s.objects, s.relation) for im, s in zip(images, truth.samples)]))
+    return float(np.mean([recovers_scene(s.image, s.objects, s.relation) for s in truth.samples]))
+
+
+def roundtrip_figures(roundtrip: Callable[[np.ndarray], np.ndarray], n: int = GROUND_TRUTH_SAMPLES,
+                      seed: int = 0) -> dict[str, float]:
+    """Ground-truth held-out renders passed through the VQGAN, judged against their own scene."""
+    truth = batch(seed=10_000 + seed, n=n, split="heldout")
+    verdicts = [verdict(image, scene_prompt(s)) for image, s in zip(roundtrip(truth.images), truth.samples)]
+    return {
+        "vqgan_roundtrip_accuracy": float(np.mean([v.correct for v in verdicts])),
+        "vqgan_roundtrip_color_accuracy": float(np.mean([v.colors for v in verdicts])),
+        "vqgan_roundtrip_shape_accuracy": float(np.mean([v.shapes for v in verdicts])),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
@@ -157,23 +194,32 @@ def _mean(values: list[float]) -> float | None:
 def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int | None]:
     single = [j for j in judged if j.prompt.kind == "single"]
     relation = [j for j in judged if j.prompt.kind == "relation"]
-    every = lambda js: [c for j in js for c in j.correct]  # noqa: E731
-    top1 = lambda js: [j.correct[0] for j in js]  # noqa: E731
+
+    def every(js: list[Judged], part: str = "correct") -> float | None:
+        return _mean([getattr(v, part) for j in js for v in j.verdicts])
+
+    def top1(js: list[Judged]) -> float | None:
+        return _mean([j.correct[0] for j in js])
+
     return {
         "n_prompts": len(judged),
         "n_single_prompts": len(single),
         "n_relation_prompts": len(relation),
-        "single_object_accuracy": _mean(every(single)),
-        "single_object_top1_accuracy": _mean(top1(single)),
-        "relation_accuracy": _mean(every(relation)),
-        "relation_top1_accuracy": _mean(top1(relation)),
-        "relation_objects_accuracy": _mean([c for j in relation for c in j.objects_present]),
-        "clip_top1_accuracy": _mean(top1(judged)),
-        "random_pick_accuracy": _mean(every(judged)),
+        "single_object_accuracy": every(single),
+        "single_object_top1_accuracy": top1(single),
+        "relation_accuracy": every(relation),
+        "relation_top1_accuracy": top1(relation),
+        "relation_objects_accuracy": every(relation, "objects"),
+        "clip_top1_accuracy": top1(judged),
+        "random_pick_accuracy": every(judged),
         "best_of_k_accuracy": _mean([any(j.correct) for j in judged]),
+        "color_accuracy": every(judged, "colors"),
+        "shape_accuracy": every(judged, "shapes"),
         "n_seen_prompts": len(seen),
-        "seen_accuracy": _mean(every(seen)),
-        "seen_top1_accuracy": _mean(top1(seen)),
+        "seen_accuracy": every(seen),
+        "seen_top1_accuracy": top1(seen),
+        "seen_color_accuracy": every(seen, "colors"),
+        "seen_shape_accuracy": every(seen, "shapes"),
     }
 
 
@@ -200,10 +246,8 @@ def evaluate(
         save_grid(judged, grid_path)
     figures = {
         "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, seed),
-        "oracle_vqgan_roundtrip_accuracy": (
-            oracle_ground_truth_accuracy(ground_truth_samples, seed, generate.roundtrip)
-            if isinstance(generate, PipelineGenerator) else None
-        ),
+        **(roundtrip_figures(generate.roundtrip, ground_truth_samples, seed)
+           if isinstance(generate, PipelineGenerator) else {}),
         **summarize(judged, seen_judged),
         "images_per_prompt": images_per_prompt,
         "seed": seed,

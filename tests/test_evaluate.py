@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dalle_app.data import heldout_prompts, render_prompt
-from dalle_app.evaluate import evaluate, main, seen_prompts, truth_generator
+from dalle_app.evaluate import evaluate, main, roundtrip_figures, seen_prompts, truth_generator
 from dalle_app.hub import EMBEDDED_FOLDERS
 from dalle_app.oracle import satisfies
 
@@ -37,6 +37,15 @@ def test_harness_scores_wrong_images_as_wrong():
     figures = evaluate(8, 1, n_seen_prompts=0, generator=shifted, ground_truth_samples=10)
     assert figures["random_pick_accuracy"] == 0.0
     assert figures["seen_accuracy"] is None
+
+
+def test_roundtrip_figures_measure_what_survives():
+    identity = roundtrip_figures(lambda images: images, n=20)
+    assert identity == {"vqgan_roundtrip_accuracy": 1.0, "vqgan_roundtrip_color_accuracy": 1.0,
+                        "vqgan_roundtrip_shape_accuracy": 1.0}
+    gray = roundtrip_figures(lambda images: images.mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8), n=20)
+    assert gray["vqgan_roundtrip_color_accuracy"] == 0.0 and gray["vqgan_roundtrip_accuracy"] == 0.0
+    assert gray["vqgan_roundtrip_shape_accuracy"] > 0.5  # shapes survive the loss of color
 
 
 def test_seen_prompts_are_training_combinations():
