@@ -52,7 +52,7 @@ def random_leaf(shape: tuple[int, ...], dtype: jnp.dtype, std: float, kind: str,
                 rng: np.random.Generator) -> jax.Array:
     """One parameter made on the host slice by slice in its final dtype, then moved to the device."""
     host = np.empty(shape, np.dtype(dtype))
-    if kind == "scale":
+    if kind == "scale" or not shape:  # norm scales (and scalars such as CLIP's logit_scale)
         host[...] = 1
     elif kind == "bias":
         host[...] = 0
@@ -122,12 +122,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--cond-scale", type=float, default=10.0)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the encoder/decoder layer count (quick smoke runs only)")
     args = parser.parse_args()
     args.decode = args.decode or args.clip  # CLIP scores decoded images
 
     runtime.configure(cache_dir=False)  # time real compilation, not a disk cache hit
     dtype = runtime.resolve_dtype(args.dtype)
-    config = DalleBartConfig.from_dict(json.loads((SPECS / f"dalle_{args.size}_config.json").read_text()))
+    values = json.loads((SPECS / f"dalle_{args.size}_config.json").read_text())
+    if args.layers:
+        values.update(encoder_layers=args.layers, decoder_layers=args.layers)
+    config = DalleBartConfig.from_dict(values)
     log(f"backend {jax.default_backend()} ({len(jax.local_devices())} device(s)), {args.size}, "
         f"{runtime.dtype_name(dtype)}, {args.images} image(s)")
     t = time.perf_counter()
@@ -170,7 +175,7 @@ def main() -> None:
     best = {k: min(run[k] for run in runs) for k in runs[0]}
     result = {
         "size": args.size, "dtype": runtime.dtype_name(dtype), "backend": jax.default_backend(),
-        "images": args.images, "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
+        "images": args.images, "layers": config.decoder_layers, "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
         "total_s": round(sum(best.get(k, 0.0) for k in ("gen_s", "decode_s", "clip_s")), 3),
         "compile_s": round(compile_s, 2),
         "tokens_per_s": round(args.images * config.image_length / best["gen_s"], 1),

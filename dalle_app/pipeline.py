@@ -34,6 +34,8 @@ BATCH_BUCKETS = (1, 2, 4, 9, 16, 32)
 """Image-batch sizes that get their own compiled program (9 is the default request)."""
 TEXT_BUCKETS = (2, 4, 8, 16, 32, 64)
 """Numbers of distinct texts (prompts + unconditional inputs) the encoder is compiled for."""
+WARMUP_SIZES = (1, 9)
+"""Image counts compiled when a pipeline loads: one image (regenerating a seed) and the default 9."""
 DECODE_BUCKETS = (1, 2, 4, 8)
 """VQGAN batch sizes; larger sets of images are decoded in chunks of the largest."""
 PREVIEW_GREY = 128
@@ -135,6 +137,7 @@ class DallePipeline:
         self.batch_buckets = tuple(batch_buckets)
         self.max_batch_images = max(self.batch_buckets)
         self.progress_every = 16
+        self._warm: set[int] = set()
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -142,7 +145,7 @@ class DallePipeline:
     def from_pretrained(cls, dalle: str | os.PathLike | None = None,
                         vqgan: str | os.PathLike | None = None,
                         clip: str | os.PathLike | None | bool = None, dtype: Any = None,
-                        warmup: Sequence[int] = (), batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                        warmup: Sequence[int] = WARMUP_SIZES, batch_buckets: Sequence[int] = BATCH_BUCKETS,
                         ) -> "DallePipeline":
         """Load (or reuse) a pipeline.
 
@@ -151,8 +154,9 @@ class DallePipeline:
         clip=False skips ranking (scores are nan, images keep their sampling order).
         dtype: "float32", "bfloat16", "float16" (weights are cast once), None = the backend's
         default (float32 on CPU, bfloat16 on GPU/TPU).
-        warmup: image-batch sizes to compile at load (e.g. (1, 9)); with JAX's persistent
-        compilation cache ($DALLE_APP_JAX_CACHE) a restart loads them from disk.
+        warmup: image-batch sizes to compile at load (default: 1 and 9 images; () for none).
+        With JAX's persistent compilation cache ($DALLE_APP_JAX_CACHE) a restart loads the
+        compiled programs from disk instead of compiling again.
         Pipelines are cached per (models, dtype) in this process; see clear_pipeline_cache().
         """
         runtime.configure()
@@ -181,9 +185,13 @@ class DallePipeline:
         return self.dalle.config.image_length
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 9)) -> float:
-        """Compile the programs for these image-batch sizes; returns the seconds it took."""
+        """Compile the programs for these image-batch sizes (running the VQGAN and CLIP once on
+        blank codes); returns the seconds it took. Sizes already warm are skipped."""
         start = time.perf_counter()
         for n in batch_sizes:
+            if n in self._warm:
+                continue
+            self._warm.add(n)
             rows = [ImageSpec("warm up", seed=i) for i in range(n)]
             self.generate_codes(rows, steps=0)
             codes = np.zeros((n, self.image_length), np.int32)

@@ -55,7 +55,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def pipe(models: dict[str, Path]) -> DallePipeline:
     return DallePipeline.from_pretrained(models["dalle"], models["vqgan"], models["clip"],
-                                         batch_buckets=(1, 4, 8))
+                                         batch_buckets=(1, 4, 8), warmup=())
 
 
 def test_end_to_end(pipe: DallePipeline) -> None:
@@ -116,8 +116,11 @@ def test_stop_from_progress(pipe: DallePipeline) -> None:
 
 
 def test_cache_and_checks(models: dict[str, Path], pipe: DallePipeline) -> None:
-    same = DallePipeline.from_pretrained(models["dalle"], models["vqgan"], models["clip"], batch_buckets=(1, 4, 8))
+    same = DallePipeline.from_pretrained(models["dalle"], models["vqgan"], models["clip"],
+                                         batch_buckets=(1, 4, 8), warmup=())
     assert same is pipe
+    pipe.warmup([1])
+    assert pipe.warmup([1]) < 0.01  # already warm: nothing to do
     with pytest.raises(ModelMismatchError, match="4×4 grid|5×5 grid"):
         DallePipeline.from_pretrained(models["dalle"], models["vqgan_5x5"], clip=False)
     no_tokenizer = models["clip"].parent / "clip_no_tokenizer"
@@ -132,7 +135,7 @@ def test_cache_and_checks(models: dict[str, Path], pipe: DallePipeline) -> None:
 
 def test_half_precision_and_no_clip(models: dict[str, Path]) -> None:
     pipe16 = DallePipeline.from_pretrained(models["dalle"], models["vqgan"], clip=False, dtype="bfloat16",
-                                           batch_buckets=(2,))
+                                           batch_buckets=(2,), warmup=())
     assert pipe16.dtype == np.dtype("bfloat16")
     out = pipe16("a red bus", num_images=2, seed=0)
     assert [np.isnan(g.score) for g in out.images[0]] == [True, True]

@@ -195,7 +195,7 @@ def test_scheduler_with_the_real_pipeline(tmp_path) -> None:
     dalle = tmp_path / "dalle"
     shutil.copytree(REFERENCE / "dallebart_tiny_a", dalle, ignore=shutil.ignore_patterns("expected*"))
     pipe = DallePipeline.from_pretrained(dalle, _vqgan(tmp_path / "vqgan", 16, 64), _clip(tmp_path / "clip"),
-                                         batch_buckets=(4,))
+                                         batch_buckets=(4,), warmup=())
     requests = [GenerationRequest("a red bus", num_images=2, seed=3),
                 GenerationRequest("two cats", "blurry", num_images=2, seed=8, top_k=5)]
     with Scheduler(pipe, progress_every=4, preview_every=8, gather_s=0.3) as scheduler:
