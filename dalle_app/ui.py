@@ -331,6 +331,7 @@ def main() -> None:
     from dalle_app.catalog import load_scheduler
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
     catalog = Catalog.from_env()
     pool = ModelPool(catalog, load_scheduler)
     started = time.perf_counter()
