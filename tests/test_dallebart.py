@@ -25,6 +25,7 @@ from dalle_app.models.dallebart import (
     init_cache,
     load_dallebart,
     scanned_layer_shapes,
+    stack_layers,
     unstack_layers,
 )
 
@@ -287,3 +288,13 @@ def test_every_accepted_activation_is_implemented() -> None:
     x = jnp.linspace(-3.0, 3.0, 7)
     exact = 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
     np.testing.assert_allclose(np.asarray(ACTIVATIONS["gelu"](x)), np.asarray(exact), atol=1e-6)
+
+
+def test_stack_layers_inverts_unstack_layers(reference_dir: Path) -> None:
+    scanned = _read_flat(reference_dir / TINY_SCANNED)
+    per_layer = unstack_layers(dict(scanned))
+    assert "model/encoder/layers/FlaxBartEncoderLayer_2/GLU_0/Dense_0/kernel" in per_layer
+    restacked = stack_layers(per_layer)
+    assert set(restacked) == set(scanned)
+    for path, leaf in scanned.items():
+        np.testing.assert_array_equal(restacked[path], leaf, err_msg=path)

@@ -12,8 +12,9 @@ Python: under jit each layer's weights are then read in place, once per step (sc
 stacked weights makes XLA copy every layer's slice first: a mini-sized decode step on CPU was
 2.3x slower that way). The
 published mini and mega store layers *scanned* (`FlaxBartEncoderLayers/...` with a leading layer
-axis); `load_dallebart` splits them into per-layer views at load (`unstack_layers`), and
-`scanned_layer_shapes` gives that naming of a parameter tree.
+axis); `load_dallebart` splits them into per-layer views at load (`unstack_layers`),
+`stack_layers` converts back (to save in the published layout), and `scanned_layer_shapes`
+gives that naming of a parameter tree.
 
 Engine API (what the sampler builds on). All of these are pure and jit-able; they are methods of
 `DalleBartModel` (what `load_dallebart` returns), each a thin `module.apply` over the linen
@@ -61,7 +62,8 @@ from dalle_app.models.weights import CheckpointError
 
 __all__ = [
     "DalleBart", "DalleBartConfig", "DalleBartModel", "KV", "UnsupportedConfigError",
-    "CheckpointError", "init_cache", "load_dallebart", "scanned_layer_shapes", "unstack_layers",
+    "CheckpointError", "init_cache", "load_dallebart", "scanned_layer_shapes", "stack_layers",
+    "unstack_layers",
 ]
 
 WEIGHTS_NAME = "flax_model.msgpack"
@@ -485,6 +487,22 @@ def unstack_layers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             continue
         for i, layer in enumerate(leaf):
             out[_SCANNED.sub(rf"/\1_{i}/", path, count=1)] = layer
+    return out
+
+
+def stack_layers(flat: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-layer parameters → the scanned layout of the published checkpoints (for saving),
+    the inverse of `unstack_layers`. Makes host copies; use it on host or small trees."""
+    groups: dict[str, dict[int, Any]] = {}
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in flat.items():
+        match = _LAYER.search(path)
+        if match is None:
+            out[path] = np.asarray(leaf)
+        else:
+            groups.setdefault(_LAYER.sub(r"/\1s/", path, count=1), {})[int(match.group(2))] = leaf
+    for path, layers in groups.items():
+        out[path] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
     return out
 
 
