@@ -178,3 +178,40 @@ def test_wrong_captions_contradict_the_scene() -> None:
             assert " and " not in wrong  # a relation-free caption would be true either way round
             first = min((wrong.find(f"{o.color} {o.shape}"), i) for i, o in enumerate(s.objects))[1]
             assert first == 1 or s.relation not in wrong, (s.caption, wrong)
+
+
+def test_object_weights_mark_the_drawn_shapes() -> None:
+    import jax.numpy as jnp
+
+    from dalle_app.data import ObjectSpec
+    from dalle_app.data.shapes import render
+    from dalle_app.train.vqgan import object_weights
+
+    rng = np.random.default_rng(0)
+    image = render([ObjectSpec("blue", "square", "large", (20.0, 20.0))], [20.0], rng)
+    w = np.asarray(object_weights(jnp.asarray(image[None] / 255.0, jnp.float32), 4.0))[0, ..., 0]
+    assert w[20, 20] == 5.0 and w[50, 50] == 1.0
+    assert 0.05 < (w > 1).mean() < 0.15  # about the square's 20x20 pixels
+
+
+@pytest.mark.slow
+def test_export_falls_back_to_float16_over_the_size_limit(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from dalle_app.models.clip import load_clip
+    from dalle_app.models.dallebart import load_dallebart
+    from dalle_app.models.vqgan import load_vqgan
+    from dalle_app.models.weights import flatten, read_msgpack, read_safetensors
+    from dalle_app.train.pipeline import export
+
+    fp32 = export(tiny_run[0], tmp_path / "fp32")
+    fp16 = export(tiny_run[0], tmp_path / "fp16", max_bytes=1)
+    assert sum(fp16.values()) < 0.7 * sum(fp32.values())
+    leaves = flatten(read_msgpack(tmp_path / "fp16" / "dalle-embedded" / "flax_model.msgpack"))
+    assert {np.asarray(v).dtype for v in leaves.values()} == {np.dtype(np.float16)}
+    assert {v.dtype for v in read_safetensors(tmp_path / "fp16" / "clip-embedded" / "model.safetensors").values()} \
+        == {np.dtype(np.float16)}
+    load_dallebart(tmp_path / "fp16" / "dalle-embedded")
+    load_clip(tmp_path / "fp16" / "clip-embedded")
+    codes = np.arange(2 * 64).reshape(2, 64) % 32
+    a = np.asarray(load_vqgan(tmp_path / "fp32" / "vqgan-embedded").decode(codes))
+    b = np.asarray(load_vqgan(tmp_path / "fp16" / "vqgan-embedded").decode(codes))
+    np.testing.assert_allclose(a, b, atol=0.05)

@@ -149,8 +149,9 @@ def run_loop(
     setting the learning rate of `state["opt_state"]` before each step.
 
     `state["total_steps"] == 0` means "as many as fit in `seconds`": the first step (compilation)
-    is left out, the next `probe_steps` are timed, and the total is fixed from them (and kept in
-    the saved state, so a resumed run keeps the same schedule). Saves `<folder>/state.msgpack`
+    is left out, the next `probe_steps` are timed, and the total is set from them, then re-fitted
+    to the time left at every log until half-way (the schedule's end moves, its start does not);
+    it is kept in the saved state, so a resumed run keeps the same schedule. Saves `<folder>/state.msgpack`
     every `save_every` steps and at the end (then calls `on_save`, e.g. to export the model), logs
     metrics averaged over `log_every` steps, and stops early, after saving, past `deadline`.
     """
@@ -159,6 +160,7 @@ def run_loop(
     t_window = time.time()
     step = int(state["step"])
     probe_from: tuple[int, float] | None = None
+    replan = state["total_steps"] == 0 and seconds is not None
     while state["total_steps"] == 0 or step < state["total_steps"]:
         total = int(state["total_steps"]) or 10**9
         state["opt_state"] = set_learning_rate(state["opt_state"], learning_rate(optim, step, total))
@@ -177,9 +179,14 @@ def run_loop(
                 log(step, total_steps=int(state["total_steps"]), measured_s_per_step=round(per_step, 3))
         total = int(state["total_steps"]) or 10**9
         out_of_time = deadline is not None and time.time() > deadline
+        if step % log_every == 0 and replan and state["total_steps"] and step < total // 2:
+            # The machine's load changes: until half-way, re-fit the total to the time left.
+            per_step = (time.time() - probe_from[1]) / (step - probe_from[0])
+            left = (seconds or 0.0) - (time.time() - t_start)
+            state["total_steps"] = total = max(2 * step, step + int(left / per_step))
         if step % log_every == 0 or step == total or out_of_time:
             means = {k: float(np.mean([np.asarray(m[k]) for m in window])) for k in window[0]}
-            log(step, **means, lr=learning_rate(optim, step - 1, total),
+            log(step, **means, lr=learning_rate(optim, step - 1, total), total_steps=total,
                 s_per_step=round((time.time() - t_window) / len(window), 3))
             window, t_window = [], time.time()
         if step % save_every == 0 or step == total or out_of_time:

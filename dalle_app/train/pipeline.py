@@ -17,7 +17,8 @@ from dalle_app.train.profiles import Profile
 
 ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
 ORDER = ("tokenizers", "vqgan", "clip", "dallebart")
-DEADLINE_SLACK = 1.15  # a phase sized from the budget is stopped (after saving) past this factor
+DEADLINE_SLACK = 1.15
+MAX_ASSET_BYTES = 30_000_000  # a phase sized from the budget is stopped (after saving) past this factor
 
 
 def _train_config(profile: Profile, phase: str, steps: int | None, seconds: float | None, batch_size: int | None):
@@ -87,8 +88,12 @@ def _require(path: Path, phase: str) -> None:
                          "(or `all`)")
 
 
-def export(out: Path, assets: Path) -> dict[str, int]:
-    """Copy each phase's latest exported model to `assets/<name>-embedded/`; returns bytes per folder."""
+def export(out: Path, assets: Path, max_bytes: int = MAX_ASSET_BYTES) -> dict[str, int]:
+    """Copy each phase's latest exported model to `assets/<name>-embedded/`; returns bytes per folder.
+
+    Weights stay float32 unless the three folders together exceed `max_bytes`; then they are
+    stored as float16 (every loader casts to its compute dtype).
+    """
     sizes = {}
     for phase, name in ASSET_FOLDERS.items():
         source = out / phase / "model"
@@ -103,4 +108,30 @@ def export(out: Path, assets: Path) -> dict[str, int]:
         staging.rename(target)
         sizes[name] = sum(f.stat().st_size for f in target.iterdir())
         print(f"[export] {source} -> {target} ({sizes[name] / 1e6:.2f} MB)", flush=True)
+    if sum(sizes.values()) > max_bytes:
+        for name in sizes:
+            to_float16(assets / name)
+            sizes[name] = sum(f.stat().st_size for f in (assets / name).iterdir())
+        print(f"[export] over {max_bytes / 1e6:.0f} MB in float32: weights stored as float16 "
+              f"({sum(sizes.values()) / 1e6:.2f} MB)", flush=True)
     return sizes
+
+
+def to_float16(folder: Path) -> None:
+    """Rewrite the folder's flax_model.msgpack / model.safetensors with float16 floating-point leaves."""
+    import flax.serialization
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from dalle_app.models.weights import flatten, read_msgpack, read_safetensors, unflatten
+
+    def half(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float16) if np.issubdtype(a.dtype, np.floating) else a
+
+    msgpack_path, safetensors_path = folder / "flax_model.msgpack", folder / "model.safetensors"
+    if msgpack_path.is_file():
+        tree = unflatten({k: half(np.asarray(v)) for k, v in flatten(read_msgpack(msgpack_path)).items()})
+        msgpack_path.write_bytes(flax.serialization.msgpack_serialize(tree))
+    if safetensors_path.is_file():
+        save_file({k: half(v) for k, v in read_safetensors(safetensors_path).items()}, str(safetensors_path),
+                  metadata={"format": "pt"})

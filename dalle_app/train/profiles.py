@@ -39,10 +39,10 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=1500, batch_size=64, num_samples=60_000),
     ),
     "gpu": Profile(
-        vqgan_model=VQGANConfig(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
-                                z_channels=128, n_embed=512, embed_dim=32),
+        vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                                z_channels=64, n_embed=512, embed_dim=32),
         vqgan=VQGANTrainConfig(steps=3000, batch_size=64, lr=1e-3, restart_every=100, save_every=500, log_every=100),
-        clip=CLIPTrainConfig(steps=1500, batch_size=256, width=192, layers=4, save_every=500, log_every=100),
+        clip=CLIPTrainConfig(steps=1500, batch_size=256, width=128, layers=4, save_every=500, log_every=100),
         dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
