@@ -215,3 +215,34 @@ def test_export_falls_back_to_float16_over_the_size_limit(tiny_run: tuple[Path, 
     a = np.asarray(load_vqgan(tmp_path / "fp32" / "vqgan-embedded").decode(codes))
     b = np.asarray(load_vqgan(tmp_path / "fp16" / "vqgan-embedded").decode(codes))
     np.testing.assert_allclose(a, b, atol=0.05)
+
+
+def test_a_small_budget_eaten_by_compilation_still_trains(tmp_path: Path) -> None:
+    """The first step (compilation) takes longer than the whole budget: the phase must still
+    plan and run real steps, not stop after one (what a GPU run with a 30 s phase budget did)."""
+    import time
+
+    import optax
+
+    from dalle_app.train.common import PhaseLog, make_optimizer, run_loop, start_state
+
+    optim = OptimConfig(lr=1e-3, warmup=5)
+    tx = make_optimizer(optim)
+    params = {"w": np.zeros(3, np.float32)}
+    calls = []
+
+    def step_fn(state: dict, step: int) -> tuple[dict, dict]:
+        time.sleep(0.3 if not calls else 0.001)  # a slow "compile", then fast steps
+        calls.append(step)
+        grads = {"w": np.ones(3, np.float32)}
+        updates, state["opt_state"] = tx.update(grads, state["opt_state"], state["params"])
+        state["params"] = optax.apply_updates(state["params"], updates)
+        return state, {"loss": np.float32(1.0 / (step + 1))}
+
+    log = PhaseLog(tmp_path, "test")
+    state = start_state(tmp_path, log, params, tx, steps=None, seconds=0.2)
+    t0 = time.time()
+    state = run_loop(tmp_path, log, state, step_fn, optim, save_every=1000, log_every=10, seconds=0.2,
+                     deadline=t0 + 0.2 * 1.15, min_steps=30)
+    assert state["step"] >= 30 and state["total_steps"] >= 30
+    assert (tmp_path / "state.msgpack").is_file()

@@ -144,6 +144,7 @@ def run_loop(
     deadline: float | None = None,
     on_save: Callable[[dict[str, Any]], None] | None = None,
     probe_steps: int = 4,
+    min_steps: int = 50,
 ) -> dict[str, Any]:
     """Run `step_fn(state, step) -> (state, metrics)` from `state["step"]` to `state["total_steps"]`,
     setting the learning rate of `state["opt_state"]` before each step.
@@ -151,7 +152,9 @@ def run_loop(
     `state["total_steps"] == 0` means "as many as fit in `seconds`": the first step (compilation)
     is left out, the next `probe_steps` are timed, and the total is set from them, then re-fitted
     to the time left at every log until half-way (the schedule's end moves, its start does not);
-    it is kept in the saved state, so a resumed run keeps the same schedule. Saves `<folder>/state.msgpack`
+    it is kept in the saved state, so a resumed run keeps the same schedule. Compilation and data
+    preparation can eat a small budget whole: a budgeted run still makes at least `min_steps`
+    steps, and `deadline` cannot stop it before. Saves `<folder>/state.msgpack`
     every `save_every` steps and at the end (then calls `on_save`, e.g. to export the model), logs
     metrics averaged over `log_every` steps, and stops early, after saving, past `deadline`.
     """
@@ -175,15 +178,15 @@ def run_loop(
             elif step - probe_from[0] >= probe_steps:
                 per_step = (time.time() - probe_from[1]) / (step - probe_from[0])
                 left = (seconds or 0.0) - (time.time() - t_start)
-                state["total_steps"] = max(step + 1, step + int(left / per_step))
+                state["total_steps"] = max(min_steps, step + 1, step + int(left / per_step))
                 log(step, total_steps=int(state["total_steps"]), measured_s_per_step=round(per_step, 3))
         total = int(state["total_steps"]) or 10**9
-        out_of_time = deadline is not None and time.time() > deadline
+        out_of_time = deadline is not None and time.time() > deadline and step >= (min_steps if replan else 0)
         if step % log_every == 0 and replan and state["total_steps"] and step < total // 2:
             # The machine's load changes: until half-way, re-fit the total to the time left.
             per_step = (time.time() - probe_from[1]) / (step - probe_from[0])
             left = (seconds or 0.0) - (time.time() - t_start)
-            state["total_steps"] = total = max(2 * step, step + int(left / per_step))
+            state["total_steps"] = total = max(min_steps, 2 * step, step + int(left / per_step))
         if step % log_every == 0 or step == total or out_of_time:
             means = {k: float(np.mean([np.asarray(m[k]) for m in window])) for k in window[0]}
             log(step, **means, lr=learning_rate(optim, step - 1, total), total_steps=total,
