@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelPool, check_entry, load_scheduler
+from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelPool, check_entry
 from dalle_app.hub import describe_availability
+from dalle_app.pipeline import DallePipeline
 from dalle_app.ui import Handlers, build_app
-from tests.app_support import make_tiny_models, serve
+from tests.app_support import SlowPipeline, make_tiny_models, recording_scheduler, serve
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -37,15 +38,22 @@ def app_url(tmp_path_factory):
                            describe_availability)
     entry = embedded if embedded.available else ModelEntry("tiny", "Tiny random", make_tiny_models(root / "tiny"))
     catalog = Catalog([entry], entry.name)
-    pool = ModelPool(catalog, load_scheduler)
-    pool.get(entry.name).pipeline.warmup((4,))
+
+    def load(model):  # slowed down a little, so that Stop can be clicked mid-loop
+        pipeline = DallePipeline.from_pretrained(**model.parts)
+        pipeline.warmup((4,))
+        return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=max(1, pipeline.image_length // 8))
+
+    pool = ModelPool(catalog, load)
+    scheduler = pool.get(entry.name)
     demo = build_app(catalog, pool, handlers=Handlers(catalog, pool, grid_dir=root / "grids"))
     with serve(demo) as url:
-        yield url
+        yield url, scheduler
 
 
 @pytest.fixture()
 def page(app_url, tmp_path):
+    url, _ = app_url
     with playwright_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
@@ -53,7 +61,7 @@ def page(app_url, tmp_path):
         )
         try:
             page = context.new_page()
-            page.goto(app_url)
+            page.goto(url)
             yield page
         finally:
             context.close()
@@ -91,3 +99,26 @@ def test_enter_submits_and_an_empty_prompt_shows_the_reason(page):
     prompt.fill("a green star")
     prompt.press("Enter")
     expect(page.locator("#gallery img")).to_have_count(1, timeout=240_000)
+
+
+def poll(page, predicate, seconds: float) -> bool:
+    """Wait (letting the page run) until `predicate()` holds on the server side."""
+    for _ in range(int(seconds * 10)):
+        if predicate():
+            return True
+        page.wait_for_timeout(100)
+    return predicate()
+
+
+def test_stop_cancels_the_running_request(page, app_url):
+    scheduler = app_url[1]
+    before = len(scheduler.jobs)
+    open_advanced_and_set_images(page, 2)
+    page.get_by_label("Prompt", exact=True).fill("a pink cross and a cyan circle")
+    page.get_by_role("button", name="Generate").click()
+    assert poll(page, lambda: len(scheduler.jobs) > before, 120), "the request never reached the scheduler"
+    job = scheduler.jobs[-1]
+    assert job.request.prompt == "a pink cross and a cyan circle" and not job.finished
+    page.get_by_role("button", name="Stop").click()
+    assert poll(page, lambda: job.finished, 30) and job.cancelled, "Stop did not cancel the scheduler job"
+    playwright_api.expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_have_count(0)
