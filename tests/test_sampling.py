@@ -149,32 +149,16 @@ def test_seeds_and_buckets() -> None:
 # ---- the model loop -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FOLDERS)
-def test_kv_cache_steps_equal_teacher_forced_logits(name: str) -> None:
-    """decode_step through the cache, position by position, gives the reference logits."""
-    exp, m = _expected(name), _model(name)
-    ids, mask = jnp.asarray(exp["decoder_input_ids"]), jnp.asarray(exp["attention_mask"])
-    cross = m.cross_kv(m.params, m.encode(m.params, jnp.asarray(exp["input_ids"]), mask))
-    cache = m.init_cache(ids.shape[0])
-    step = jax.jit(m.decode_step)
-    logits = []
-    for t in range(ids.shape[1]):
-        out, cache = step(m.params, ids[:, t], jnp.int32(t), cache, cross, mask)
-        logits.append(np.asarray(out))
-    np.testing.assert_allclose(np.stack(logits, 1), exp["logits"], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("name", FOLDERS)
-def test_sampler_decoder_step_equals_reference_logits(name: str) -> None:
-    """The sampler's own unrolled, head-major decoder step gives dalle-mini's teacher-forced
-    logits, position by position (each row paired with itself, guidance scale 1)."""
-    exp, m = _expected(name), _model(name)
+def _stepwise_logits(name: str, dtype: str = "float32") -> np.ndarray:
+    """Teacher-forced logits through the sampler's cached decoder step, one position at a time
+    (each row paired with itself as its unconditional row, guidance scale 1)."""
+    exp, m = _expected(name), _model(name, dtype)
     decoder, cfg = prepare_decoder(m.params), m.config
     ids = np.repeat(exp["decoder_input_ids"], 2, axis=0)
     mask = np.repeat(exp["attention_mask"], 2, axis=0)
     hidden = m.encode(m.params, np.repeat(exp["input_ids"], 2, axis=0), mask)
     cross = cross_kv(decoder, hidden, cfg.decoder_attention_heads, m.dtype)
-    bias = jnp.where(jnp.asarray(mask) > 0, 0.0, -jnp.inf)[:, None, :]
+    bias = jnp.where(jnp.asarray(mask) > 0, 0.0, -jnp.inf).astype(m.dtype)[:, None, :]
     cache = empty_cache(cfg, ids.shape[0], m.dtype)
     scale = jnp.ones(ids.shape[0] // 2)
 
@@ -186,8 +170,16 @@ def test_sampler_decoder_step_equals_reference_logits(name: str) -> None:
     logits = []
     for t in range(ids.shape[1]):
         out, cache = step(jnp.asarray(ids[:, t]), jnp.int32(t), cache)
+        assert out.dtype == jnp.float32
         logits.append(np.asarray(out))
-    np.testing.assert_allclose(np.stack(logits, 1), exp["logits"], atol=1e-4, rtol=0)
+    return np.stack(logits, 1)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_kv_cache_steps_equal_teacher_forced_logits(name: str) -> None:
+    """The sampler's KV-cached decoder step (unrolled layers, head-major caches) gives
+    dalle-mini's teacher-forced logits, position by position."""
+    np.testing.assert_allclose(_stepwise_logits(name), _expected(name)["logits"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", FOLDERS)
@@ -253,16 +245,7 @@ def test_half_precision_stays_close_to_float32(dtype: str, tolerance: float) -> 
     in those dtypes runs (logits and sampling are float32 inside)."""
     name = "dallebart_tiny_b_scanned"
     exp, m = _expected(name), _model(name, dtype)
-    ids, mask = jnp.asarray(exp["decoder_input_ids"]), jnp.asarray(exp["attention_mask"])
-    cross = m.cross_kv(m.params, m.encode(m.params, jnp.asarray(exp["input_ids"]), mask))
-    cache = m.init_cache(ids.shape[0])
-    step = jax.jit(m.decode_step)
-    logits = []
-    for t in range(ids.shape[1]):
-        out, cache = step(m.params, ids[:, t], jnp.int32(t), cache, cross, mask)
-        assert out.dtype == jnp.float32
-        logits.append(np.asarray(out))
-    err = np.abs(np.stack(logits, 1) - exp["logits"]).max() / exp["logits"].std()
+    err = np.abs(_stepwise_logits(name, dtype) - exp["logits"]).max() / exp["logits"].std()
     assert err < tolerance, f"{dtype} logits off by {err:.3g} standard deviations"
     codes = _generate(name, [0, 1], [3, 4], dtype=dtype)
     assert codes.shape == (2, m.config.image_length) and codes.max() < m.config.image_vocab_size
