@@ -35,6 +35,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 ROOT = Path(__file__).resolve().parents[1]
+SOAK_CHUNK = 100
 REQUEST_HTTP_TIMEOUT_S = 120  # a saturated CPU server may take longer than httpx's 5 s to accept a job
 BUSY_MARKERS = ("server is busy", "queue is full")
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
@@ -51,6 +52,15 @@ class Tally:
     mixed: list[str] = field(default_factory=list)
     lost: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def merge(self, other: "Tally") -> None:
+        self.latencies += other.latencies
+        self.model_s += other.model_s
+        self.completed += other.completed
+        self.rejected += other.rejected
+        self.failed += other.failed
+        self.mixed += other.mixed
+        self.lost += other.lost
 
     def line(self, name: str) -> str:
         p50, p95 = percentiles(self.latencies)
@@ -231,14 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         print(burst.line(f"burst of {args.concurrent} concurrent"), flush=True)
         rss_before = rss_mb(pid) if pid else float("nan")
         started = time.monotonic()
-        soak = run_phase(users, args.concurrent, args.total, args.concurrent, args.num_images, args.model,
-                         args.request_timeout)
+        soak, rss_trend = Tally(), []
+        for first in range(0, args.total, SOAK_CHUNK):  # RSS after every chunk: flat, or growing?
+            part = run_phase(users, args.concurrent + first, min(SOAK_CHUNK, args.total - first), args.concurrent,
+                             args.num_images, args.model, args.request_timeout)
+            soak.merge(part)
+            rss_trend.append(round(rss_mb(pid), 1) if pid else float("nan"))
         soak_s = time.monotonic() - started
-        rss_after = rss_mb(pid) if pid else float("nan")
+        rss_after = rss_trend[-1] if rss_trend else rss_before
         print(soak.line(f"soak of {args.total}"), flush=True)
         print(f"soak took {soak_s:.1f} s ({args.total / soak_s:.1f} requests/s); "
               f"server RSS before {rss_before:.0f} MiB, after {rss_after:.0f} MiB "
-              f"({rss_after - rss_before:+.0f} MiB)", flush=True)
+              f"({rss_after - rss_before:+.0f} MiB); every {SOAK_CHUNK} requests: {rss_trend} MiB", flush=True)
         tallies = [burst, soak]
         if args.overload:
             over = run_phase(users, args.concurrent + args.total, args.overload, args.overload, args.num_images,
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "soak": {"total": args.total, "completed": soak.completed, "rejected": soak.rejected,
                      "failed": len(soak.failed), "mixed": len(soak.mixed), "lost": soak.lost,
                      "latencies": soak.latencies, "seconds": soak_s},
-            "rss_before_mib": rss_before, "rss_after_mib": rss_after,
+            "rss_before_mib": rss_before, "rss_after_mib": rss_after, "rss_every_chunk_mib": rss_trend,
         }
     finally:
         users.close()
