@@ -193,7 +193,8 @@ def request(client: Client, i: int, num_images: int, model: str | None, tally: T
             tally.latencies.append(elapsed)
             tally.model_s.append(float(summary.get("timings", {}).get("total_s", float("nan"))))
         else:
-            tally.mixed.append(f"#{i}: sent {prompt!r} seed {seed}, got {summary.get('prompt')!r} {summary.get('seeds')}")
+            got = f"{summary.get('prompt')!r} {summary.get('seeds')}"
+            tally.mixed.append(f"#{i}: sent {prompt!r} seed {seed}, got {got}")
 
 
 def run_phase(users: Users, start: int, count: int, concurrent: int, num_images: int, model: str | None,

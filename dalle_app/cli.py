@@ -25,13 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images for a prompt and save them as one PNG grid (ranked by CLIP).",
     )
     parser.add_argument("prompt", help="what to draw, e.g. 'a red square above a blue circle'")
-    parser.add_argument("--out", "-o", type=Path, default=Path("grid.png"), help="grid PNG to write (default: grid.png)")
+    parser.add_argument("--out", "-o", type=Path, default=Path("grid.png"),
+                        help="grid PNG to write (default: grid.png)")
     parser.add_argument("--images", "-n", type=float, default=n.default,
                         help=f"number of images, {int(n.minimum)}-{int(n.maximum)} (default {int(n.default)})")
     parser.add_argument("--negative-prompt", default="", help="what the images should not show")
     parser.add_argument("--model", default=None,
                         help=f"{', '.join(e.name for e in BUILTIN_MODELS)}, a configured model, a local folder "
-                        "or a hub repo owner/name[@revision], optionally +vqgan+clip (default: the embedded model or $DALLE_APP_DEFAULT_MODEL)")
+                        "or a hub repo owner/name[@revision], optionally +vqgan+clip "
+                        "(default: $DALLE_APP_DEFAULT_MODEL, else the embedded model)")
     parser.add_argument("--seed", type=float, default=SEED_DEFAULT, help="-1 for random (default)")
     parser.add_argument("--temperature", type=float, default=t.default, help=f"default {t.default}")
     parser.add_argument("--top-k", type=float, default=k.default, help=f"default {int(k.default)}")

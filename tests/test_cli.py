@@ -36,7 +36,8 @@ def test_cli_writes_a_grid_png_with_the_prompt_and_parameters(pool, tmp_path, ca
     assert code == 0
     meta = pngs.read_metadata(out)
     assert meta["prompt"] == "a red square above a blue circle" and meta["negative_prompt"] == "green"
-    assert (meta["num_images"], meta["seed"], meta["top_k"], meta["temperature"], meta["cond_scale"]) == (3, 11, 20, 0.8, 4.0)
+    settings = tuple(meta[k] for k in ("num_images", "seed", "top_k", "temperature", "cond_scale"))
+    assert settings == (3, 11, 20, 0.8, 4.0)
     assert sorted(meta["seeds"]) == [11, 12, 13] and len(meta["scores"]) == 3
     with Image.open(out) as grid:
         assert grid.text[pngs.PROMPT_KEY] == "a red square above a blue circle"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dalle_app import images as pngs
-from dalle_app.catalog import Catalog, ModelEntry, ModelLoadError, ModelPool, check_entry, short_reason
+from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry, short_reason
 from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
 
@@ -73,9 +73,8 @@ def describe_all_available(ref, kind):
 
 def make_handlers(tmp_path, scheduler=None, load=None):
     catalog = Catalog.from_env({}, describe_all_available)
-    catalog = Catalog([*catalog.entries.values(),
-                       ModelEntry("broken", "broken", {"dalle": "x"}, available=False, reason="missing flax_model.msgpack")],
-                      catalog.default)
+    broken = ModelEntry("broken", "broken", {"dalle": "x"}, available=False, reason="missing flax_model.msgpack")
+    catalog = Catalog([*catalog.entries.values(), broken], catalog.default)
     pool = ModelPool(catalog, load or (lambda entry: scheduler))
     return Handlers(catalog, pool, grid_dir=tmp_path / "grids")
 
