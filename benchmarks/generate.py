@@ -11,7 +11,8 @@ call); the reported times are the best of --repeats calls.
 Progress goes to stderr; the last stdout line is one JSON object:
 images, gen_s (encode + sampling; gen_cpu_s: the process's CPU seconds for it, a steadier
 figure on a shared machine), encode_s, decode_s (--decode), clip_s (--clip), total_s,
-compile_s, tokens_per_s (codes sampled per second), peak_rss_mb, and the settings.
+compile_s, tokens_per_s (codes sampled per second), peak_rss_mb (whole run), weights_mb,
+init_peak_rss_mb (peak right after making the weights), and the settings.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def main() -> None:
     t = time.perf_counter()
     dalle = random_dallebart(config, dtype)
     jax.block_until_ready(dalle.params)
-    log(f"random DalleBart made in {time.perf_counter() - t:.1f}s, peak RSS {peak_rss_mb():.0f} MB")
+    weights_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(dalle.params)) / 2**20
+    init_rss_mb = peak_rss_mb()
+    log(f"random DalleBart ({weights_mb:.0f} MB) made in {time.perf_counter() - t:.1f}s, "
+        f"peak RSS {init_rss_mb:.0f} MB")
     text = TextProcessor(load_tokenizer(TOKENIZER, config.max_text_length), config.max_text_length, None)
     vqgan = random_vqgan(jnp.float32)
     clip = random_clip(jnp.float32) if args.clip else None
@@ -194,7 +198,8 @@ def main() -> None:
         "compile_s": round(compile_s, 2),
         "tokens_per_s": round(args.images * config.image_length / best["gen_s"], 1),
         "peak_rss_mb": round(peak_rss_mb()),
-        "weights_mb": round(sum(x.nbytes for x in jax.tree_util.tree_leaves(dalle.params)) / 2**20),
+        "weights_mb": round(weights_mb),
+        "init_peak_rss_mb": round(init_rss_mb),  # right after making the weights
     }
     print(json.dumps(result))
 
