@@ -82,11 +82,14 @@ def entry_for(spec: str) -> ModelEntry:
 
 
 def load_scheduler(entry: ModelEntry) -> Any:
-    """Load the entry's pipeline (reusing pipeline.py's cache) behind its own request scheduler."""
+    """Load the entry's pipeline (reusing pipeline.py's cache) behind its own request scheduler,
+    with a progress update every 1/16 and a preview of the partial images every 1/4 of the codes."""
     from dalle_app.pipeline import DallePipeline
     from dalle_app.scheduler import Scheduler
 
-    return Scheduler(DallePipeline.from_pretrained(**entry.parts))
+    pipeline = DallePipeline.from_pretrained(**entry.parts)
+    steps = pipeline.image_length  # 256 for mini/mega, fewer for small models: scale the updates to it
+    return Scheduler(pipeline, progress_every=max(1, steps // 16), preview_every=max(1, steps // 4))
 
 
 def check_entry(entry: ModelEntry, describe: Callable[..., tuple[bool, str]]) -> ModelEntry:

@@ -42,7 +42,9 @@ def app_url(tmp_path_factory):
     def load(model):  # slowed down a little, so that Stop can be clicked mid-loop
         pipeline = DallePipeline.from_pretrained(**model.parts)
         pipeline.warmup((4,))
-        return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=max(1, pipeline.image_length // 8))
+        steps = pipeline.image_length
+        return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=max(1, steps // 8),
+                                   preview_every=max(1, steps // 4))
 
     pool = ModelPool(catalog, load)
     scheduler = pool.get(entry.name)
@@ -110,7 +112,7 @@ def poll(page, predicate, seconds: float) -> bool:
     return predicate()
 
 
-def test_stop_cancels_the_running_request(page, app_url):
+def test_stop_cancels_the_running_request(page, app_url, tmp_path):
     scheduler = app_url[1]
     before = len(scheduler.jobs)
     open_advanced_and_set_images(page, 2)
@@ -119,6 +121,10 @@ def test_stop_cancels_the_running_request(page, app_url):
     assert poll(page, lambda: len(scheduler.jobs) > before, 120), "the request never reached the scheduler"
     job = scheduler.jobs[-1]
     assert job.request.prompt == "a pink cross and a cyan circle" and not job.finished
+    progress = page.get_by_text("Generating image tokens").first  # the progress bar's label
+    playwright_api.expect(progress).to_be_visible(timeout=20_000)
+    playwright_api.expect(page.locator("#gallery").get_by_text("preview").first).to_be_visible(timeout=20_000)
+    page.screenshot(path=str(tmp_path / "progress.png"))
     page.get_by_role("button", name="Stop").click()
     assert poll(page, lambda: job.finished, 30) and job.cancelled, "Stop did not cancel the scheduler job"
     playwright_api.expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_have_count(0)
