@@ -59,6 +59,8 @@ def short_reason(reason: str, limit: int = 60) -> str:
     lowered = reason.lower()
     if "offline" in lowered and ("cache" in lowered or "download" in lowered):
         return "not downloaded, offline"
+    if "does not exist" in lowered or "missing" in lowered:
+        return "model files missing"
     first = reason.strip().splitlines()[0] if reason.strip() else "unknown reason"
     return first if len(first) <= limit else first[: limit - 1] + "…"
 

@@ -216,6 +216,7 @@ def test_check_entry_never_raises():
     entry = check_entry(ModelEntry("x", "x", {"dalle": "x"}), describe)
     assert not entry.available and "boom" in entry.reason
     assert short_reason("line one\nline two") == "line one"
+    assert short_reason("dalle: model folder /x/assets/dalle-embedded does not exist") == "model files missing"
 
 
 def test_model_status_line(tmp_path):
