@@ -233,3 +233,12 @@ def test_app_exposes_one_public_generate_endpoint(tmp_path):
     params = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     assert params == ["prompt", "negative_prompt", "model", "num_images", "seed", "temperature", "top_k",
                       "top_p", "cond_scale"]
+
+
+def test_warmup_sizes_and_the_unavailable_list(tmp_path):
+    from dalle_app.ui import availability_markdown, warmup_sizes
+
+    assert warmup_sizes({}) == () and warmup_sizes({"DALLE_APP_WARMUP": "4, 16"}) == (4, 16)
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    text = availability_markdown(h.catalog)
+    assert "**broken** — unavailable: missing flax_model.msgpack" in text and "embedded" not in text
