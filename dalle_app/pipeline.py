@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -227,19 +226,25 @@ class DallePipeline:
                   for j, p in enumerate(prompts)]
         rows = [r for g in groups for r in g]
         every = progress_every or self.progress_every
+        if preview_every:
+            every = int(np.gcd(every, preview_every))
         loops = -(-len(rows) // self.max_batch_images)
         total = loops * self.image_length
+
+        def reporter(offset: int) -> Callable[[int, int, np.ndarray], None] | None:
+            """Progress of one loop, as steps of the whole call, with previews when due."""
+            if progress is None:
+                return None
+
+            def report(step: int, _: int, partial: np.ndarray) -> None:
+                preview = bool(preview_every) and step % preview_every == 0 and step < self.image_length
+                progress(offset + step, total, self.preview_images(partial[:9]) if preview else None)
+            return report
+
         codes, timings = [], {"encode_s": 0.0, "generate_s": 0.0}
         for loop in range(loops):
             part = rows[loop * self.max_batch_images:(loop + 1) * self.max_batch_images]
-            report = None
-            if progress is not None:
-                def report(step: int, _: int, partial: np.ndarray, offset: int = loop * self.image_length) -> None:
-                    preview = bool(preview_every) and step % preview_every == 0 and step < self.image_length
-                    progress(offset + step, total, self.preview_images(partial[:9]) if preview else None)
-            if preview_every:
-                every = int(np.gcd(every, preview_every))
-            part_codes, t = self.generate_codes(part, report, every)
+            part_codes, t = self.generate_codes(part, reporter(loop * self.image_length), every)
             codes.append(part_codes)
             timings = {k: timings[k] + t[k] for k in timings}
         return self.finish(prompts, groups, np.concatenate(codes), timings, started)
