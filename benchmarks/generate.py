@@ -135,10 +135,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--cond-scale", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="decode only this many of the 256 positions (slow CPU runs of mega); "
+                             "the JSON then also gives step_s, the time per step")
     parser.add_argument("--layers", type=int, default=None,
                         help="override the encoder/decoder layer count (quick smoke runs only)")
     args = parser.parse_args()
     args.decode = args.decode or args.clip  # CLIP scores decoded images
+    if args.steps is not None and args.decode:
+        parser.error("--steps times part of the sampling only: leave out --decode/--clip")
 
     runtime.configure(cache_dir=False)  # time real compilation, not a disk cache hit
     dtype = runtime.resolve_dtype(args.dtype)
@@ -177,7 +182,7 @@ def main() -> None:
     runs = []
     for r in range(args.repeats):
         cpu = time.process_time()
-        codes, timings = pipe.generate_codes(pipe_rows(args))
+        codes, timings = pipe.generate_codes(pipe_rows(args), steps=args.steps)
         timings["gen_cpu_s"] = time.process_time() - cpu
         if args.decode:
             t = time.perf_counter()
@@ -196,7 +201,9 @@ def main() -> None:
         "images": args.images, "layers": config.decoder_layers, "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
         "total_s": round(sum(best.get(k, 0.0) for k in ("gen_s", "decode_s", "clip_s")), 3),
         "compile_s": round(compile_s, 2),
-        "tokens_per_s": round(args.images * config.image_length / best["gen_s"], 1),
+        "steps": args.steps or config.image_length,
+        "step_s": round(best["generate_s"] / (args.steps or config.image_length), 4),
+        "tokens_per_s": round(args.images * (args.steps or config.image_length) / best["gen_s"], 1),
         "peak_rss_mb": round(peak_rss_mb()),
         "weights_mb": round(weights_mb),
         "init_peak_rss_mb": round(init_rss_mb),  # right after making the weights
