@@ -16,6 +16,7 @@ request is lost, failed or mixed up.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import queue
@@ -48,6 +49,7 @@ class Tally:
     model_s: list[float] = field(default_factory=list)  # the server's own total_s per request
     completed: int = 0
     rejected: int = 0
+    busy_answers: collections.Counter = field(default_factory=collections.Counter)  # message → count
     failed: list[str] = field(default_factory=list)
     mixed: list[str] = field(default_factory=list)
     lost: int = 0
@@ -58,6 +60,7 @@ class Tally:
         self.model_s += other.model_s
         self.completed += other.completed
         self.rejected += other.rejected
+        self.busy_answers.update(other.busy_answers)
         self.failed += other.failed
         self.mixed += other.mixed
         self.lost += other.lost
@@ -168,6 +171,7 @@ def request(client: Client, i: int, num_images: int, model: str | None, tally: T
         with tally.lock:
             if busy:
                 tally.rejected += 1
+                tally.busy_answers[str(e)] += 1
             else:
                 tally.failed.append(f"#{i}: {e}")
         return
@@ -180,6 +184,7 @@ def request(client: Client, i: int, num_images: int, model: str | None, tally: T
         with tally.lock:
             if busy:
                 tally.rejected += 1
+                tally.busy_answers[f"{type(e).__name__}: {e}"] += 1
             else:
                 tally.failed.append(f"#{i}: {type(e).__name__}: {e}")
         return
@@ -259,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             over = run_phase(users, args.concurrent + args.total, args.overload, args.overload, args.num_images,
                              args.model, args.request_timeout)
             print(over.line(f"overload of {args.overload} concurrent"), flush=True)
+            for message, count in over.busy_answers.items():
+                print(f"  busy answer x{count}: {message}", flush=True)
             tallies.append(over)
             figures["overload"] = {"concurrent": args.overload, "completed": over.completed,
                                    "rejected": over.rejected, "failed": len(over.failed), "mixed": len(over.mixed),
-                                   "lost": over.lost}
+                                   "lost": over.lost, "busy_answers": dict(over.busy_answers)}
         for problem in [p for t in tallies for p in t.failed + t.mixed][:10]:
             print("  problem:", problem)
         figures |= {
