@@ -246,3 +246,17 @@ def test_a_small_budget_eaten_by_compilation_still_trains(tmp_path: Path) -> Non
                      deadline=t0 + 0.2 * 1.15, min_steps=30)
     assert state["step"] >= 30 and state["total_steps"] >= 30
     assert (tmp_path / "state.msgpack").is_file()
+
+
+@pytest.mark.slow
+def test_decoder_finetuning_keeps_every_code(tiny_run: tuple[Path, Path]) -> None:
+    from dalle_app.models.vqgan import load_vqgan
+    from dalle_app.models.weights import flatten
+
+    out = tiny_run[0]
+    before, after = load_vqgan(out / "vqgan" / "model"), load_vqgan(out / "vqgan-decoder" / "model")
+    images = data_batch(5, 4, "heldout").images.astype(np.float32) / 255.0
+    np.testing.assert_array_equal(np.asarray(before.encode(images)[0]), np.asarray(after.encode(images)[0]))
+    a, b = flatten(before.params), flatten(after.params)
+    assert all(np.array_equal(a[k], b[k]) for k in a if not k.startswith(("decoder", "post_quant_conv")))
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("decoder"))

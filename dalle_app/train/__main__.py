@@ -28,7 +28,7 @@ from dalle_app.train.profiles import PROFILES, Profile
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dalle_app.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("phase", choices=["tokenizers", "vqgan", "clip", "dallebart", "export", "all"])
+    p.add_argument("phase", choices=["tokenizers", "vqgan", "clip", "dallebart", "vqgan-decoder", "export", "all"])
     p.add_argument("--out", type=Path, required=True, help="run folder (states, logs, exported models)")
     p.add_argument("--assets", type=Path, default=None,
                    help="copy the trained models here as vqgan-embedded/, dalle-embedded/, clip-embedded/ "
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vqgan-steps", type=int, default=None)
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--dallebart-steps", type=int, default=None)
+    p.add_argument("--vqgan-decoder-steps", type=int, default=None,
+                   help="decoder-only VQGAN fine-tuning after DalleBart (0 skips it)")
     p.add_argument("--minutes-budget", type=float, default=None,
                    help="size every phase without an explicit step count to this total wall time")
     p.add_argument("--batch-size", type=int, default=None, help="override the batch size of the phase run")
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def phase_steps(args: argparse.Namespace, phase: str) -> int | None:
-    explicit = getattr(args, f"{phase}_steps")
+    explicit = getattr(args, f"{phase.replace('-', '_')}_steps")
     if args.phase == phase and args.steps is not None:
         return args.steps
     return explicit
@@ -59,7 +61,8 @@ def phase_steps(args: argparse.Namespace, phase: str) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.phase == "all" and args.steps is not None:
-        raise SystemExit("--steps applies to one phase; with `all` use --vqgan-steps/--clip-steps/--dallebart-steps")
+        raise SystemExit("--steps applies to one phase; with `all` use --vqgan-steps/--clip-steps/--dallebart-steps/"
+                         "--vqgan-decoder-steps")
     if args.phase == "export" and args.assets is None:
         raise SystemExit("export needs --assets FOLDER")
     profile: Profile = PROFILES[args.profile]
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     budget = None if args.minutes_budget is None else args.minutes_budget * 60.0
-    overrides = {name: phase_steps(args, name) for name in ("vqgan", "clip", "dallebart")}
+    overrides = {name: phase_steps(args, name) for name in ("vqgan", "clip", "dallebart", "vqgan-decoder")}
     timings = pipeline.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
     timings["total"] = round(time.time() - t0, 1)
     previous = json.loads((args.out / "timings.json").read_text()) if (args.out / "timings.json").is_file() else {}

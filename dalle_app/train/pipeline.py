@@ -16,13 +16,15 @@ from typing import Any
 from dalle_app.train.profiles import Profile
 
 ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
-ORDER = ("tokenizers", "vqgan", "clip", "dallebart")
+ORDER = ("tokenizers", "vqgan", "clip", "dallebart", "vqgan-decoder")
+# Where each asset comes from, first existing folder wins (the fine-tuned decoder over the original).
+ASSET_SOURCES = {"vqgan": ("vqgan-decoder", "vqgan"), "dallebart": ("dallebart",), "clip": ("clip",)}
 DEADLINE_SLACK = 1.15
 MAX_ASSET_BYTES = 30_000_000  # a phase sized from the budget is stopped (after saving) past this factor
 
 
 def _train_config(profile: Profile, phase: str, steps: int | None, seconds: float | None, batch_size: int | None):
-    cfg = getattr(profile, phase)
+    cfg = getattr(profile, phase.replace("-", "_"))
     changes: dict[str, Any] = {}
     if steps is not None:
         changes.update(steps=steps, seconds=None)
@@ -41,6 +43,7 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
     from dalle_app.train.dallebart import train_dallebart
     from dalle_app.train.text import build_tokenizers
     from dalle_app.train.vqgan import train_vqgan
+    from dalle_app.train.vqgan_decoder import finetune_decoder
 
     phases = ORDER if phase == "all" else (() if phase == "export" else (phase,))
     t_all = time.time()
@@ -48,13 +51,16 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
     timings: dict[str, float] = {}
     tokenizers = out / "tokenizers"
     for name in phases:
+        if steps.get(name) == 0:
+            continue
         t0 = time.time()
         seconds = deadline = None
         if budget is not None and name in shares and steps.get(name) is None:
-            if name == "dallebart":  # whatever is left, less a margin for the final evaluation/export
-                seconds = max(60.0, budget - (time.time() - t_all) - 60.0) if phase == "all" else budget * shares[name]
-            else:
-                seconds = budget * shares[name]
+            if name == "dallebart" and phase == "all":  # what is left but the decoder's share, less a margin
+                after = budget * shares.get("vqgan-decoder", 0.0)
+                seconds = max(60.0, budget - (time.time() - t_all) - after - 60.0)
+            else:  # with `all` its share; a phase run alone gets the whole budget
+                seconds = budget * shares[name] if phase == "all" else budget
             deadline = t0 + seconds * DEADLINE_SLACK
         if name == "tokenizers":
             if not (tokenizers / "report.json").is_file():
@@ -73,6 +79,10 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
             train_dallebart(out, vq.config, vq.params, tokenizers / "dalle", profile.max_text_length,
                             _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline,
                             profile.workers)
+        elif name == "vqgan-decoder":
+            _require(out / "vqgan" / "model" / "flax_model.msgpack", "vqgan")
+            finetune_decoder(out, _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline,
+                             profile.workers)
         timings[name] = round(time.time() - t0, 1)
         print(f"[train] {name} took {timings[name]} s", flush=True)
     if assets is not None and phase in ("all", "export"):
@@ -96,10 +106,11 @@ def export(out: Path, assets: Path, max_bytes: int = MAX_ASSET_BYTES) -> dict[st
     """
     sizes = {}
     for phase, name in ASSET_FOLDERS.items():
-        source = out / phase / "model"
-        if not source.is_dir():
-            print(f"[export] {source} does not exist yet; {name} left as it is", flush=True)
+        found = [out / p / "model" for p in ASSET_SOURCES[phase] if (out / p / "model").is_dir()]
+        if not found:
+            print(f"[export] {out / phase / 'model'} does not exist yet; {name} left as it is", flush=True)
             continue
+        source = found[0]
         target = assets / name
         staging = assets / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)

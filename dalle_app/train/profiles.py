@@ -24,11 +24,13 @@ class Profile:
     vqgan: VQGANTrainConfig
     clip: CLIPTrainConfig
     dallebart: DalleBartTrainConfig
+    vqgan_decoder: VQGANTrainConfig  # decoder-only fine-tuning after DalleBart (codes unchanged)
     max_text_length: int = 24
     tokenizer_captions: int = 20_000
     tokenizer_vocab_size: int = 512
     workers: int = 0  # processes rendering scenes ahead of the steps (0: in the training process)
-    budget_shares: tuple[tuple[str, float], ...] = (("vqgan", 0.17), ("clip", 0.11), ("dallebart", 0.72))
+    budget_shares: tuple[tuple[str, float], ...] = (
+        ("vqgan", 0.17), ("clip", 0.1), ("dallebart", 0.61), ("vqgan-decoder", 0.12))
 
 
 PROFILES: dict[str, Profile] = {
@@ -37,6 +39,7 @@ PROFILES: dict[str, Profile] = {
         vqgan=VQGANTrainConfig(steps=1500, batch_size=8),
         clip=CLIPTrainConfig(steps=250, batch_size=96),
         dallebart=DalleBartTrainConfig(steps=1500, batch_size=64, num_samples=60_000),
+        vqgan_decoder=VQGANTrainConfig(steps=600, batch_size=8, lr=5e-4, warmup=50),
     ),
     "gpu": Profile(
         vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
@@ -48,7 +51,8 @@ PROFILES: dict[str, Profile] = {
                                        decoder_layers=4, heads=8),
         workers=12,
         tokenizer_captions=5_000,
-        budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.7)),
+        vqgan_decoder=VQGANTrainConfig(steps=1000, batch_size=64, lr=5e-4, warmup=100, save_every=500, log_every=100),
+        budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.6), ("vqgan-decoder", 0.1)),
     ),
     "tiny": Profile(
         vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(), resolution=64,
@@ -60,6 +64,7 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,
                                        save_every=3, log_every=3, d_model=32, encoder_layers=1, decoder_layers=1,
                                        heads=2),
+        vqgan_decoder=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, save_every=3, log_every=3, eval_images=8),
         max_text_length=16,
         tokenizer_captions=500,
         tokenizer_vocab_size=300,
