@@ -51,7 +51,7 @@ EXAMPLES = [
     "a purple diamond",
 ]
 
-CSS = "#gallery {min-height: 320px} #gallery img {image-rendering: pixelated} .notice {font-size: 0.9em}"
+CSS = ".notice {font-size: 0.9em}"
 
 
 def _error(message: str) -> gr.Error:
@@ -91,7 +91,7 @@ def score_value(score: float) -> float | None:
 
 
 def caption(rank: int, score: float | None, seed: int) -> str:
-    clip = "CLIP n/a" if score is None else f"CLIP {score:.3f}"
+    clip = "CLIP n/a" if score is None else f"CLIP {score:.2f}"
     return f"#{rank} · {clip} · seed {seed}"
 
 
@@ -282,7 +282,7 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 top_p = gr.Slider(0.05, p.maximum, value=p.default, step=0.05, label="Top-p")
                 cond_scale = gr.Slider(c.minimum, c.maximum, value=c.default, step=0.5, label="Condition scale")
         gallery = gr.Gallery(
-            label="Results (ranked by CLIP)", columns=3, height="auto", object_fit="contain",
+            label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",
             format="png", elem_id="gallery", buttons=["download", "fullscreen"],
         )
         download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
