@@ -174,6 +174,11 @@ class Handlers:
                 else:  # "error" or "cancelled": the job is over
                     finished = True
                     raise _error(event.error or "Generation failed.")
+        except gr.Error:
+            raise
+        except Exception as e:  # a bug of ours must still end this request with a message, not a hang
+            log.exception("request failed")
+            raise _error(f"Generation failed unexpectedly ({type(e).__name__}); the details are in the server log.")
         finally:
             if not finished:
                 job.cancel()

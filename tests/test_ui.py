@@ -242,3 +242,15 @@ def test_warmup_sizes_and_the_unavailable_list(tmp_path):
     h = make_handlers(tmp_path, ScriptedScheduler())
     text = availability_markdown(h.catalog)
     assert "**broken** — unavailable: missing flax_model.msgpack" in text and "embedded" not in text
+
+
+def test_an_unexpected_failure_ends_the_request_with_a_message(tmp_path):
+    class Broken(ScriptedScheduler):
+        def submit(self, request):
+            job = super().submit(request)
+            job._events[-1] = JobEvent("done", result=SimpleNamespace(images="not a list"))
+            return job
+
+    h = make_handlers(tmp_path, Broken())
+    with pytest.raises(gr.Error, match="Generation failed unexpectedly"):
+        run(collect(h.generate("a red square", num_images=1)))
