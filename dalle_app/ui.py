@@ -288,7 +288,7 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 cond_scale = gr.Slider(c.minimum, c.maximum, value=c.default, step=0.5, label="Condition scale")
         gallery = gr.Gallery(
             label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",
-            format="png", elem_id="gallery", buttons=["download", "fullscreen"],
+            format="png", elem_id="gallery", buttons=["download", "fullscreen"], interactive=False,
         )
         download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
         with gr.Accordion("Details", open=False):

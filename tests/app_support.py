@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import string
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,11 +72,15 @@ def serve(demo, **kwargs) -> Iterator[str]:
 
 class SlowPipeline:
     """A real pipeline whose decoding loop sleeps at each progress report, so a test can act
-    (cancel, submit more) while a loop is running."""
+    (cancel, submit more) while a loop is running. While `gate` is clear, a loop stops right
+    after each progress report until the gate is set (or set and cleared again: one more step),
+    at most a minute."""
 
     def __init__(self, pipeline, delay_s: float) -> None:
         self._pipeline = pipeline
         self.delay_s = delay_s
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
@@ -83,7 +88,9 @@ class SlowPipeline:
     def generate_codes(self, rows, progress=None, progress_every=None, steps=None):
         def slowly(step, total, codes):
             time.sleep(self.delay_s)
-            return progress(step, total, codes)
+            carry_on = progress(step, total, codes)
+            self.gate.wait(60)
+            return carry_on
 
         return self._pipeline.generate_codes(rows, None if progress is None else slowly, progress_every, steps)
 

@@ -43,7 +43,7 @@ def app_url(tmp_path_factory):
         pipeline = DallePipeline.from_pretrained(**model.parts)
         pipeline.warmup((4,))
         steps = pipeline.image_length
-        return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=max(1, steps // 8),
+        return recording_scheduler(SlowPipeline(pipeline, 0.1), progress_every=max(1, steps // 8),
                                    preview_every=max(1, steps // 4))
 
     pool = ModelPool(catalog, load)
@@ -112,19 +112,27 @@ def poll(page, predicate, seconds: float) -> bool:
     return predicate()
 
 
-def test_stop_cancels_the_running_request(page, app_url, tmp_path):
+def test_progress_then_previews_then_stop_cancels(page, app_url, tmp_path):
+    expect = playwright_api.expect
     scheduler = app_url[1]
+    gate = scheduler.pipeline.gate
     before = len(scheduler.jobs)
     open_advanced_and_set_images(page, 2)
     page.get_by_label("Prompt", exact=True).fill("a pink cross and a cyan circle")
-    page.get_by_role("button", name="Generate").click()
-    assert poll(page, lambda: len(scheduler.jobs) > before, 120), "the request never reached the scheduler"
-    job = scheduler.jobs[-1]
-    assert job.request.prompt == "a pink cross and a cyan circle" and not job.finished
-    progress = page.get_by_text("Generating image tokens").first  # the progress bar's label
-    playwright_api.expect(progress).to_be_visible(timeout=20_000)
-    playwright_api.expect(page.locator("#gallery").get_by_text("preview").first).to_be_visible(timeout=20_000)
-    page.screenshot(path=str(tmp_path / "progress.png"))
-    page.get_by_role("button", name="Stop").click()
-    assert poll(page, lambda: job.finished, 30) and job.cancelled, "Stop did not cancel the scheduler job"
-    playwright_api.expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_have_count(0)
+    gate.clear()  # the loop stops after each progress report until released
+    try:
+        page.get_by_role("button", name="Generate").click()
+        assert poll(page, lambda: len(scheduler.jobs) > before, 120), "the request never reached the scheduler"
+        job = scheduler.jobs[-1]
+        assert job.request.prompt == "a pink cross and a cyan circle" and not job.finished
+        expect(page.get_by_text("Generating image tokens").first).to_be_visible(timeout=60_000)  # progress bar
+        page.screenshot(path=str(tmp_path / "progress.png"))
+        gate.set()  # one more report: the first preview (a quarter of the codes)
+        gate.clear()
+        expect(page.locator("#gallery").get_by_text("preview").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "preview.png"))
+        page.get_by_role("button", name="Stop").click()
+        assert poll(page, lambda: job.finished, 30) and job.cancelled, "Stop did not cancel the scheduler job"
+    finally:
+        gate.set()
+    expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_have_count(0)
