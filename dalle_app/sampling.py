@@ -169,8 +169,13 @@ def _layer_norm(p: dict, x: jax.Array, dtype: Any) -> jax.Array:
     return (y + p["bias"]).astype(dtype)
 
 
+def _precision(dtype: Any) -> lax.Precision:
+    """Full float32 matmuls in float32 (no TF32 on GPU, as the model); half dtypes: the default."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
 def _dense(p: dict, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x, p["kernel"])
+    y = jnp.dot(x, p["kernel"], precision=_precision(p["kernel"].dtype))
     return y + p["bias"] if "bias" in p else y
 
 
@@ -190,9 +195,10 @@ def _attend(p: dict, h: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
     """One query per row: h (N, d) against head-major k, v (N, H, S, hd); bias (N or 1, 1, S)."""
     heads, head_dim = k.shape[1], k.shape[-1]
     q = _dense(p["q_proj"], h).reshape(h.shape[0], heads, head_dim)
-    logits = jnp.einsum("nhd,nhsd->nhs", q, k) / jnp.sqrt(head_dim).astype(dtype)  # after QKᵀ
+    logits = jnp.einsum("nhd,nhsd->nhs", q, k, precision=_precision(dtype))
+    logits = logits / jnp.sqrt(head_dim).astype(dtype)  # after QKᵀ, as dalle-mini 0.1.5
     probs = jax.nn.softmax(logits + bias).astype(dtype)
-    out = jnp.einsum("nhs,nhsd->nhd", probs, v)
+    out = jnp.einsum("nhs,nhsd->nhd", probs, v, precision=_precision(dtype))
     if "head_scale" in p:
         out = out * p["head_scale"].reshape(1, heads, 1)
     return _dense(p["out_proj"], out.reshape(h.shape[0], -1))
