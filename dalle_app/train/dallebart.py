@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
-from dalle_app.models.dallebart import DalleBart, DalleBartConfig
+from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
 from dalle_app.models.weights import flatten, unflatten
 from dalle_app.train.common import (
@@ -77,11 +77,12 @@ def config_json(config: DalleBartConfig) -> dict[str, Any]:
 
 
 def save_dallebart(folder: Path, config: DalleBartConfig, params: Any, tokenizer_folder: Path | None = None) -> None:
-    """Write config.json + flax_model.msgpack (scanned layout, no "params" wrapper), plus the
+    """Write config.json + flax_model.msgpack (the published scanned layout: layers stacked under
+    `FlaxBart{Encoder,Decoder}Layers`, no "params" wrapper), plus the
     tokenizer files and word list from `tokenizer_folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config_json(config), indent=2, sort_keys=True) + "\n")
-    host = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+    host = unflatten(stack_layers({k: np.asarray(v, np.float32) for k, v in flatten(params).items()}))
     tmp = folder / "flax_model.msgpack.tmp"
     tmp.write_bytes(flax.serialization.msgpack_serialize(host))
     tmp.replace(folder / "flax_model.msgpack")
