@@ -316,6 +316,7 @@ def launch_kwargs() -> dict[str, Any]:
     """How the app is served: no uploads, no extra files exposed, monitoring off."""
     return dict(
         css=CSS,
+        max_threads=CONCURRENCY,  # also Gradio's number of job slots: 40 would cap CONCURRENCY
         max_file_size="1mb",
         allowed_paths=[],
         enable_monitoring=False,
