@@ -81,6 +81,13 @@ def test_shipped_model_above_measured_floors():
         assert figures[key] >= floor, (key, figures[key], floor, figures)
 
 
-# Floors below the figures measured with this exact call (see the report in the module docstring
-# of dalle_app/evaluate.py); a regression of the model or the sampler drops under them.
-SHIPPED_FLOORS: dict[str, float] = {}
+# Floors below the figures measured with this exact call on the shipped assets (colour 1.0,
+# VQGAN round-trip colour 1.0, shape 0.31, single object 0.25, random pick 0.125); a regression
+# of the model or the sampler drops under them. The model is far from the targets (README).
+SHIPPED_FLOORS: dict[str, float] = {
+    "color_accuracy": 0.85,
+    "vqgan_roundtrip_color_accuracy": 0.9,
+    "shape_accuracy": 0.2,
+    "single_object_accuracy": 0.125,
+    "random_pick_accuracy": 0.0625,
+}
