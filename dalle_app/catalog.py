@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
+
+from dalle_app.validation import sampling_defaults
 
 MODELS_ENV = "DALLE_APP_MODELS"
 DEFAULT_MODEL_ENV = "DALLE_APP_DEFAULT_MODEL"
@@ -26,7 +28,8 @@ class ModelEntry:
 
     `parts` maps "dalle", "vqgan" and "clip" to a hub.py reference (None = the embedded one);
     `reason` says why an unavailable model cannot be used, `note` anything worth knowing about
-    an available one (e.g. that it will be downloaded on first use).
+    an available one (e.g. that it will be downloaded on first use); `settings` are the sampling
+    settings the model recommends (hub.recommended_settings), used where a request gives none.
     """
 
     name: str
@@ -35,6 +38,7 @@ class ModelEntry:
     available: bool = True
     reason: str = ""
     note: str = ""
+    settings: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def choice_label(self) -> str:
@@ -120,6 +124,7 @@ class Catalog:
     """The models the app offers, in display order, with the default one."""
 
     def __init__(self, entries: list[ModelEntry], default: str) -> None:
+        """`entries` in display order; `default` is the name used when a request names none."""
         self.entries = {entry.name: entry for entry in entries}
         if default not in self.entries:
             raise ValueError(
@@ -133,21 +138,36 @@ class Catalog:
         cls,
         env: Mapping[str, str] | None = None,
         describe: Callable[..., tuple[bool, str]] | None = None,
+        recommend: Callable[[str | None], Mapping[str, float]] | None = None,
     ) -> "Catalog":
-        """Build the list from the environment; `describe` (hub.describe_availability) never downloads."""
+        """Build the list from the environment; `describe` (hub.describe_availability) and
+        `recommend` (hub.recommended_settings) never download."""
         env = os.environ if env is None else env
         if describe is None:
             from dalle_app.hub import describe_availability as describe
+        if recommend is None:
+            from dalle_app.hub import recommended_settings as recommend
         entries = list(BUILTIN_MODELS)
         for spec in parse_model_list(env.get(MODELS_ENV)):
             if spec not in {e.name for e in entries}:
                 entries.append(entry_for(spec))
         default = env.get(DEFAULT_MODEL_ENV, "").strip() or EMBEDDED
-        return cls([check_entry(e, describe) for e in entries], default)
+        checked = [check_entry(e, describe) for e in entries]
+        return cls([replace(e, settings=dict(recommend(e.parts["dalle"]))) if e.available else e for e in checked],
+                   default)
 
     def usability(self) -> dict[str, str | None]:
         """Name → None when usable, else the reason (what validation.check_model takes)."""
         return {name: None if e.available else e.reason for name, e in self.entries.items()}
+
+    def recommended(self) -> dict[str, Mapping[str, float]]:
+        """Name → the sampling settings that model recommends (what validate_request takes)."""
+        return {name: e.settings for name, e in self.entries.items()}
+
+    def sampling_defaults(self, name: str) -> dict[str, int | float]:
+        """The settings a request for `name` gets when it gives none (unknown names: DALL·E Mini's)."""
+        entry = self.entries.get(name)
+        return sampling_defaults(entry.settings if entry is not None else None)
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, name) pairs for a dropdown."""

@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a hub repo owner/name[@revision], optionally +vqgan+clip "
                         "(default: $DALLE_APP_DEFAULT_MODEL, else the embedded model)")
     parser.add_argument("--seed", type=float, default=SEED_DEFAULT, help="-1 for random (default)")
-    parser.add_argument("--temperature", type=float, default=t.default, help=f"default {t.default}")
-    parser.add_argument("--top-k", type=float, default=k.default, help=f"default {int(k.default)}")
-    parser.add_argument("--top-p", type=float, default=p.default, help=f"default {p.default}")
-    parser.add_argument("--cond-scale", type=float, default=c.default, help=f"default {c.default}")
+    recommended = "default: the model's recommended value, else DALL·E Mini's"
+    parser.add_argument("--temperature", type=float, default=None, help=f"{recommended} {t.default}")
+    parser.add_argument("--top-k", type=float, default=None, help=f"{recommended} {int(k.default)}")
+    parser.add_argument("--top-p", type=float, default=None, help=f"{recommended} {p.default}")
+    parser.add_argument("--cond-scale", type=float, default=None, help=f"{recommended} {c.default}")
     parser.add_argument("--save-images", type=Path, default=None, metavar="DIR",
                         help="also write each image as its own PNG into DIR")
     return parser
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         request = validate_request(
             args.prompt, args.negative_prompt, args.model, args.images, args.seed,
             args.temperature, args.top_k, args.top_p, args.cond_scale,
-            models=catalog.usability(), default_model=catalog.default,
+            models=catalog.usability(), default_model=catalog.default, recommended=catalog.recommended(),
         )
     except ValidationError as e:
         print(f"error: {e}", file=sys.stderr)

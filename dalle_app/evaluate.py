@@ -87,17 +87,20 @@ class Judged:
 
 
 class PipelineGenerator:
-    """The shipped embedded model: DallePipeline.from_pretrained() with the given sampling settings.
+    """The shipped embedded model: DallePipeline.from_pretrained() sampling with the settings its
+    folder recommends (what the app uses by default), overridden by ``settings``.
 
     ``models`` may name other folders ({"dalle": ..., "vqgan": ..., "clip": ...}), e.g. a training
     run's exports, to evaluate them before they are shipped.
     """
 
     def __init__(self, models: dict[str, str] | None = None, **settings: float) -> None:
+        from dalle_app.hub import recommended_settings
         from dalle_app.pipeline import DallePipeline  # imports JAX: only when a model is asked for
 
-        self.pipe = DallePipeline.from_pretrained(**(models or {}))
-        self.settings = settings
+        models = models or {}
+        self.pipe = DallePipeline.from_pretrained(**models)
+        self.settings = {**recommended_settings(models.get("dalle")), **settings}
 
     def __call__(self, texts: list[str], num_images: int, seed: int) -> list[list[tuple[np.ndarray, float]]]:
         output = self.pipe(texts, num_images=num_images, seed=seed, **self.settings)

@@ -132,6 +132,28 @@ def parse_reference(
     return ModelReference(kind, repo_id=repo_id, revision=inline_revision or revision)
 
 
+GENERATION_CONFIG = "generation_config.json"
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale")
+
+
+def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
+    """Sampling settings a local DalleBart folder recommends in its `generation_config.json`
+    (models trained here write one, tuned for them); {} elsewhere, which means DALL·E Mini's
+    defaults. Never downloads: hub models have no such file."""
+    try:
+        reference = parse_reference(ref, "dalle")
+    except (ValueError, ModelNotAvailableError):
+        return {}
+    path = reference.folder / GENERATION_CONFIG if reference.folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in SAMPLING_KEYS if isinstance(data.get(k), (int, float)) and not isinstance(data[k], bool)}
+
+
 def resolve_model(
     ref: str | os.PathLike | None, kind: str | None = None, revision: str | None = None
 ) -> Path:

@@ -8,7 +8,7 @@ background, name their color, shape and size, and read relations from their posi
   passes a prompt by chance.
 * Foreground: pixels far (RGB distance) from the background, estimated as the median of the
   image border, so soft or tinted backgrounds of generated images still work.
-* Objects: 4-connected components of the foreground, tiny blobs ignored. A component whose strong
+* Objects: 8-connected components of the foreground, tiny blobs ignored. A component whose strong
   pixels have two dominant colors in different places (two generated objects touching) is split
   by color; two colors mixed in one place (a color drifting between two palette entries) are not.
 * Color: the mean of a component's strongest pixels, nearest palette color; too far from every
@@ -84,7 +84,9 @@ def _readable(distance: np.ndarray, background: np.ndarray) -> bool:
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask, each as an (n, 2) array of (row, col)."""
+    """8-connected components of a boolean mask, each as an (n, 2) array of (row, col).
+
+    8, not 4: a star's diagonal arms touch its core only at corners."""
     seen = np.zeros_like(mask, dtype=bool)
     height, width = mask.shape
     out = []
@@ -96,7 +98,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
         while queue:
             r, c = queue.popleft()
             pixels.append((r, c))
-            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            for nr, nc in ((r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)):
                 if 0 <= nr < height and 0 <= nc < width and mask[nr, nc] and not seen[nr, nc]:
                     seen[nr, nc] = True
                     queue.append((nr, nc))
@@ -138,7 +140,7 @@ def _normalized_crop(alpha: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _templates() -> dict[str, np.ndarray]:
-    """Normalized crops of every shape, sharp and blurred, at several sides and sub-pixel offsets.
+    """Normalized crops of every shape, sharp and blurred, at both sizes.
 
     They go through the same alpha estimate as detected objects (a uniform object 200 RGB units
     from its background), so blurry generated shapes meet blurry references. Cached: constant.
@@ -146,14 +148,13 @@ def _templates() -> dict[str, np.ndarray]:
     out = {}
     for shape in SHAPES:
         crops = []
-        for side in (12, 14, 16, 20, 24, 26):
-            for offset in (0.0, 0.5):
-                coverage = Image.fromarray(np.uint8(255 * shape_mask(shape, (32 + offset, 32 + offset), side)))
-                for blur in TEMPLATE_BLURS:
-                    blurred = coverage.filter(ImageFilter.GaussianBlur(blur)) if blur else coverage
-                    distance = 200.0 * np.asarray(blurred, np.float32) / 255.0
-                    pixels = max(_components(distance >= FOREGROUND_DISTANCE), key=len)
-                    crops.append(_normalized_crop(_alpha(pixels, distance)[0]))
+        for side in SIZES.values():
+            coverage = Image.fromarray(np.uint8(255 * shape_mask(shape, (32, 32), side)))
+            for blur in TEMPLATE_BLURS:
+                blurred = coverage.filter(ImageFilter.GaussianBlur(blur)) if blur else coverage
+                distance = 200.0 * np.asarray(blurred, np.float32) / 255.0
+                pixels = max(_components(distance >= FOREGROUND_DISTANCE), key=len)
+                crops.append(_normalized_crop(_alpha(pixels, distance)[0]))
         out[shape] = np.stack(crops)
     return out
 

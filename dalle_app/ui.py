@@ -106,7 +106,8 @@ class Handlers:
     def validate(self, *values: Any) -> ValidRequest:
         try:
             return validate_request(
-                *values, models=self.catalog.usability(), default_model=self.catalog.default
+                *values, models=self.catalog.usability(), default_model=self.catalog.default,
+                recommended=self.catalog.recommended(),
             )
         except ValidationError as e:
             raise _error(str(e)) from None
@@ -141,10 +142,10 @@ class Handlers:
         model: str | None = None,
         num_images: int = 9,
         seed: int = SEED_DEFAULT,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        cond_scale: float = 10.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cond_scale: float | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
         """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary."""
@@ -249,6 +250,11 @@ class Handlers:
         note = f" ({html.escape(entry.note, quote=False)})" if entry.note else ""
         return f"Model **{entry.name}**: {html.escape(entry.label, quote=False)}{note}"
 
+    def model_changed(self, model: str | None) -> tuple[str, float, int, float, float]:
+        """On a new model choice: its status line, and the sliders set to its recommended settings."""
+        d = self.catalog.sampling_defaults(model or self.catalog.default)
+        return self.model_status(model), d["temperature"], d["top_k"], d["top_p"], d["cond_scale"]
+
 
 def availability_markdown(catalog: Catalog) -> str:
     lines = [f"- **{e.name}** — unavailable: {html.escape(e.reason, quote=False)}" for e in catalog.unavailable()]
@@ -258,7 +264,8 @@ def availability_markdown(catalog: Catalog) -> str:
 def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = None) -> gr.Blocks:
     """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
     h = handlers or Handlers(catalog, pool)
-    n, t, k, p, c = (NUMBERS[x] for x in ("num_images", "temperature", "top_k", "top_p", "cond_scale"))
+    n, k, p, c = (NUMBERS[x] for x in ("num_images", "top_k", "top_p", "cond_scale"))
+    start = catalog.sampling_defaults(catalog.default)  # the default model's recommended settings
     with gr.Blocks(title="DALL·E Mini", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# DALL·E Mini\nType a prompt and press **Enter** or **Generate**. Images are ranked by CLIP; "
@@ -282,10 +289,11 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             model_info = gr.Markdown(h.model_status(catalog.default), elem_classes="notice")
             gr.Markdown(availability_markdown(catalog), elem_classes="notice")
             with gr.Row():
-                temperature = gr.Slider(0.05, 3.0, value=t.default, step=0.05, label="Temperature")
-                top_k = gr.Slider(k.minimum, 1024, value=k.default, step=1, label="Top-k")
-                top_p = gr.Slider(0.05, p.maximum, value=p.default, step=0.05, label="Top-p")
-                cond_scale = gr.Slider(c.minimum, c.maximum, value=c.default, step=0.5, label="Condition scale")
+                temperature = gr.Slider(0.05, 3.0, value=start["temperature"], step=0.05, label="Temperature")
+                top_k = gr.Slider(k.minimum, 1024, value=start["top_k"], step=1, label="Top-k")
+                top_p = gr.Slider(0.05, p.maximum, value=start["top_p"], step=0.05, label="Top-p")
+                cond_scale = gr.Slider(c.minimum, c.maximum, value=start["cond_scale"], step=0.5,
+                                       label="Condition scale")
         gallery = gr.Gallery(
             label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",
             format="png", elem_id="gallery", buttons=["download", "fullscreen"], interactive=False,
@@ -307,7 +315,8 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
         )
         generating.success(h.grid_download, [gallery, summary], download, api_visibility="private")
         stop.click(None, None, None, cancels=[generating])
-        model.change(h.model_status, model, model_info, api_visibility="private", queue=False)
+        model.change(h.model_changed, model, [model_info, temperature, top_k, top_p, cond_scale],
+                     api_visibility="private", queue=False)
     demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
     return demo
 

@@ -63,7 +63,23 @@ NUMBERS: dict[str, NumberSpec] = {
         NumberSpec("cond_scale", 10.0, 1.0, 30.0),
     )
 }
-"""Ranges of the numeric parameters; defaults are the original DALL·E Mini ones."""
+"""Ranges of the numeric parameters; defaults are the original DALL·E Mini ones (a model may
+recommend others: `sampling_defaults`)."""
+
+SAMPLING = ("temperature", "top_k", "top_p", "cond_scale")
+
+
+def sampling_defaults(recommended: Mapping[str, float] | None = None) -> dict[str, int | float]:
+    """The sampling settings to use when a request leaves them out: DALL·E Mini's, overridden by
+    what the model recommends (values outside the allowed ranges are ignored)."""
+    out: dict[str, int | float] = {name: check_number(None, NUMBERS[name]) for name in SAMPLING}
+    for name, value in (recommended or {}).items():
+        if name in out:
+            try:
+                out[name] = check_number(value, NUMBERS[name])
+            except ValidationError:
+                pass
+    return out
 
 SEED_DEFAULT = RANDOM_SEED
 
@@ -240,20 +256,28 @@ def validate_request(
     models: Mapping[str, str | None],
     default_model: str,
     draw_seed: Callable[[], int] = random_seed,
+    recommended: Mapping[str, Mapping[str, float]] | None = None,
 ) -> ValidRequest:
-    """Check every parameter of one request; raise ValidationError naming the first bad one."""
+    """Check every parameter of one request; raise ValidationError naming the first bad one.
+
+    Sampling settings left out (None) take the chosen model's `recommended` ones (by model name),
+    else DALL·E Mini's defaults."""
     text, notices = clean_text(prompt, "prompt", required=True)
     negative, negative_notices = clean_text(negative_prompt, "negative_prompt", required=False)
+    chosen = check_model(model, models, default_model)
+    count = check_number(num_images, NUMBERS["num_images"])
+    chosen_seed = check_seed(seed, draw_seed)
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale}
+    fallback = sampling_defaults((recommended or {}).get(chosen))
+    sampling = {name: check_number(fallback[name] if value is None else value, NUMBERS[name])
+                for name, value in given.items()}
     return ValidRequest(
         prompt=text,
         negative_prompt=negative,
-        model=check_model(model, models, default_model),
-        num_images=check_number(num_images, NUMBERS["num_images"]),
-        seed=check_seed(seed, draw_seed),
-        temperature=check_number(temperature, NUMBERS["temperature"]),
-        top_k=check_number(top_k, NUMBERS["top_k"]),
-        top_p=check_number(top_p, NUMBERS["top_p"]),
-        cond_scale=check_number(cond_scale, NUMBERS["cond_scale"]),
+        model=chosen,
+        num_images=count,
+        seed=chosen_seed,
+        **sampling,
         notices=tuple(notices + negative_notices),
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelPool, check_entry
-from dalle_app.hub import describe_availability
+from dalle_app.hub import describe_availability, recommended_settings
 from dalle_app.pipeline import DallePipeline
 from dalle_app.ui import Handlers, build_app
 from tests.app_support import SlowPipeline, make_tiny_models, recording_scheduler, serve
@@ -34,8 +34,8 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwrig
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    embedded = check_entry(ModelEntry(EMBEDDED, "Embedded default", {"dalle": None, "vqgan": None, "clip": None}),
-                           describe_availability)
+    embedded = check_entry(ModelEntry(EMBEDDED, "Embedded default", {"dalle": None, "vqgan": None, "clip": None},
+                                      settings=recommended_settings(None)), describe_availability)
     entry = embedded if embedded.available else ModelEntry("tiny", "Tiny random", make_tiny_models(root / "tiny"))
     catalog = Catalog([entry], entry.name)
 

@@ -44,6 +44,43 @@ def test_images_are_64x64_rgb_uint8(train_batch):
     assert train_batch.images.dtype == np.uint8
 
 
+def test_every_cell_of_a_scene_is_one_flat_color(train_batch):
+    """Objects and textures sit on the CELL grid: each 4x4 cell is uniform, so each VQGAN code
+    holds one color (what lets held-out color/shape pairs be composed in code space)."""
+    from dalle_app.data.world import CELL
+
+    images = train_batch.images[:300].astype(np.int16)
+    cells = images.reshape(len(images), 64 // CELL, CELL, 64 // CELL, CELL, 3)
+    assert (cells.max(axis=(2, 4)) == cells.min(axis=(2, 4))).all()
+
+
+def test_objects_are_on_the_grid_with_their_size(train_batch):
+    from dalle_app.data.world import CELL, GRID, SIZES
+
+    for s in train_batch.samples[:500]:
+        for o in s.objects:
+            side = SIZES[o.size]
+            left, top = o.center[0] - side / 2, o.center[1] - side / 2
+            assert left % CELL == 0 and top % CELL == 0
+            assert 0 <= left and left + side <= CELL * GRID and 0 <= top and top + side <= CELL * GRID
+
+
+def test_shapes_are_distinct_connected_patterns():
+    from dalle_app.data.shapes import shape_cells
+
+    for n in (5, 7):
+        patterns = {shape: shape_cells(shape, n) for shape in SHAPES}
+        for a in SHAPES:
+            pa = patterns[a]
+            assert pa[0].any() and pa[-1].any() and pa[:, 0].any() and pa[:, -1].any()  # fills its box
+            for b in SHAPES:
+                if a < b:
+                    iou = (pa & patterns[b]).sum() / (pa | patterns[b]).sum()
+                    assert iou <= 0.85, (a, b, n, iou)
+    with pytest.raises(ValueError, match="odd"):
+        shape_cells("square", 6)
+
+
 def test_split_is_fixed_and_covers_every_attribute():
     assert len(HELDOUT_PAIRS) == 8
     assert {c for c, _ in HELDOUT_PAIRS} == set(COLORS)

@@ -75,19 +75,21 @@ ASSETS_MISSING = [str(p) for p in EMBEDDED_FOLDERS.values() if not p.is_dir()]
 @pytest.mark.slow
 @pytest.mark.skipif(bool(ASSETS_MISSING), reason=f"embedded model assets missing: {ASSETS_MISSING}")
 def test_shipped_model_above_measured_floors():
-    figures = evaluate(n_prompts=4, images_per_prompt=4, seed=0, n_seen_prompts=4, ground_truth_samples=40)
+    figures = evaluate(n_prompts=8, images_per_prompt=4, seed=0, n_seen_prompts=8, ground_truth_samples=40)
     assert figures["oracle_ground_truth_accuracy"] >= 0.98
     for key, floor in SHIPPED_FLOORS.items():
         assert figures[key] >= floor, (key, figures[key], floor, figures)
 
 
-# Floors below the figures measured with this exact call on the shipped assets (colour 1.0,
-# VQGAN round-trip colour 1.0, shape 0.31, single object 0.25, random pick 0.125); a regression
-# of the model or the sampler drops under them. The model is far from the targets (README).
+# Floors below the figures measured with this exact call on the shipped assets, with the sampling
+# settings their generation_config.json recommends (single object 0.81, colour 0.81, shape 0.47,
+# random pick 0.41, prompts of training combinations 0.44, VQGAN round trip 1.0); a regression of
+# the model, the sampler or the oracle drops under them. Relations (0.0) are far from the target (README).
 SHIPPED_FLOORS: dict[str, float] = {
-    "color_accuracy": 0.85,
-    "vqgan_roundtrip_color_accuracy": 0.9,
-    "shape_accuracy": 0.2,
-    "single_object_accuracy": 0.125,
-    "random_pick_accuracy": 0.0625,
+    "vqgan_roundtrip_accuracy": 0.95,
+    "single_object_accuracy": 0.6,
+    "color_accuracy": 0.7,
+    "shape_accuracy": 0.35,
+    "random_pick_accuracy": 0.3,
+    "seen_accuracy": 0.3,
 }

@@ -215,3 +215,15 @@ def test_resolve_downloads_only_the_kinds_files(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.resolve_model(name)
     assert calls[0][1]["local_files_only"] is True
+
+
+def test_recommended_settings_come_from_a_local_generation_config(tmp_path: Path) -> None:
+    config = tmp_path / "generation_config.json"
+    config.write_text('{"cond_scale": 3.0, "top_k": 8, "top_p": "high", "other": 1}')
+    assert hub.recommended_settings(tmp_path) == {"cond_scale": 3.0, "top_k": 8}
+    config.write_text("{not json")
+    assert hub.recommended_settings(tmp_path) == {}
+    assert hub.recommended_settings(tmp_path / "missing") == {}
+    assert hub.recommended_settings("mini") == {}  # hub models: DALL·E Mini's defaults, nothing downloaded
+    shipped = hub.recommended_settings(None)
+    assert set(shipped) == set(hub.SAMPLING_KEYS)

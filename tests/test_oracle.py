@@ -92,9 +92,9 @@ def test_touching_objects_of_different_colors_are_split(pair):
 
     rng = np.random.default_rng(0)
     for shape_a, shape_b in (("square", "circle"), ("star", "cross")):
-        a = ObjectSpec(pair[0], shape_a, "large", (20.0, 32.0))
-        b = ObjectSpec(pair[1], shape_b, "large", (43.0, 32.0))  # boxes touch
-        found = detect(render([a, b], [24, 24], rng))
+        a = ObjectSpec(pair[0], shape_a, "large", (18.0, 32.0))
+        b = ObjectSpec(pair[1], shape_b, "large", (46.0, 32.0))  # boxes touch
+        found = detect(render([a, b], [28, 28], rng))
         assert sorted((d.color, d.shape) for d in found) == sorted([(a.color, a.shape), (b.color, b.shape)])
 
 
@@ -103,7 +103,7 @@ def test_unknown_colors_are_reported_not_matched():
     from dalle_app.data.shapes import shape_mask
 
     image = np.full((64, 64, 3), 240.0)
-    alpha = shape_mask("square", (32, 32), 24)[..., None]
+    alpha = shape_mask("square", (32, 32), 28)[..., None]
     image = np.uint8(image * (1 - alpha) + 60.0 * alpha)
     (found,) = detect(image)
     assert found.color is None and found.shape == "square"

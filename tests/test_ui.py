@@ -103,7 +103,9 @@ def test_generate_streams_previews_then_the_ranked_gallery(tmp_path):
         meta = __import__("json").loads(image.info[pngs.METADATA_KEY])
         assert meta["seed"] == seed and meta["prompt"] == "a red square" and meta["rank"] == rank
     assert summary["model"] == "embedded" and summary["timings"] == {"total_s": 0.5}
-    assert summary["parameters"]["cond_scale"] == 10.0 and summary["status"] == "done"
+    # left-out sampling settings are the embedded model's recommended ones (its generation_config.json)
+    assert summary["parameters"]["cond_scale"] == h.catalog.sampling_defaults("embedded")["cond_scale"] == 1.5
+    assert summary["status"] == "done"
     request = scheduler.jobs[0].request
     assert (request.prompt, request.num_images, request.seed, request.top_k) == ("a red square", 4, 100, 50)
 
@@ -223,6 +225,17 @@ def test_model_status_line(tmp_path):
     h = make_handlers(tmp_path, ScriptedScheduler())
     assert "cannot be used here: missing flax_model.msgpack" in h.model_status("broken")
     assert "embedded" in h.model_status(None)
+
+
+def test_sliders_follow_the_chosen_models_recommended_settings(tmp_path):
+    catalog = Catalog.from_env({}, describe_all_available, lambda ref: {"cond_scale": 3.0} if ref is None else {})
+    pool = ModelPool(catalog, lambda entry: ScriptedScheduler())
+    h = Handlers(catalog, pool, grid_dir=tmp_path)
+    assert h.model_changed("mini")[1:] == (1.0, 50, 1.0, 10.0)
+    assert h.model_changed("embedded")[1:] == (1.0, 50, 1.0, 3.0)
+    demo = build_app(catalog, pool, handlers=h)
+    sliders = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider)}
+    assert (sliders["Condition scale"], sliders["Top-k"]) == (3.0, 50)
 
 
 def test_app_exposes_one_public_generate_endpoint(tmp_path):

@@ -13,6 +13,7 @@ from dalle_app.validation import (
     ValidationError,
     check_number,
     clean_text,
+    sampling_defaults,
     validate_request,
 )
 
@@ -30,6 +31,20 @@ def test_defaults_are_the_original_ones():
         "embedded", 9, 1234, 1.0, 50, 1.0, 10.0,
     )
     assert r.notices == ()
+
+
+def test_left_out_sampling_settings_take_the_models_recommended_ones():
+    recommended = {"embedded": {"cond_scale": 3.0, "top_k": 8}, "mini": {}}
+    r = validate(recommended=recommended)
+    assert (r.temperature, r.top_k, r.top_p, r.cond_scale) == (1.0, 8, 1.0, 3.0)
+    assert validate(recommended=recommended, cond_scale=12).cond_scale == 12.0  # given wins
+    assert validate(recommended=recommended, model="mini").cond_scale == 10.0
+
+
+def test_recommendations_outside_the_ranges_are_ignored():
+    assert sampling_defaults({"cond_scale": 99, "top_k": 0, "temperature": 0.5, "other": 1}) == {
+        "temperature": 0.5, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0,
+    }
 
 
 def test_good_values_pass_through_with_their_types():

@@ -1,13 +1,14 @@
 """Seeded samples, batches and evaluation prompts of the procedural world.
 
 ``sample(rng, "train")`` never shows a held-out combination (see ``world``); ``sample(rng,
-"heldout")`` always shows one. Scenes are laid out so that a relation is unambiguous: along the
-relation's axis the objects are well apart, across it they are offset by at most half that gap.
+"heldout")`` always shows one. Objects sit on the cell grid (see ``shapes``); scenes are laid out so that a relation is
+unambiguous: along the relation's axis the objects are apart, across it nearly aligned.
 Same seed, same bytes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,12 +17,13 @@ import numpy as np
 from dalle_app.data import captions
 from dalle_app.data.shapes import render
 from dalle_app.data.world import (
+    CELL,
     COLORS,
+    GRID,
     HELDOUT_PAIRS,
     IMAGE_SIZE,
     INVERSE,
     RELATIONS,
-    SIZE_JITTER,
     SIZES,
     ObjectSpec,
     heldout_triples,
@@ -30,8 +32,8 @@ from dalle_app.data.world import (
 )
 
 Split = Literal["train", "heldout"]
-MARGIN = 2  # pixels kept free at the image border
-GAP = 4  # minimum free pixels between the two objects' boxes along the relation axis
+MIN_GAP_CELLS = 1  # free cells between the two objects' boxes along the relation axis
+ACROSS_ROOM = 1.5  # cells an object's center may stray from the middle across the relation axis
 SINGLE_FRACTION = 0.4  # share of one-object scenes
 
 
@@ -71,34 +73,37 @@ class Prompt:
     kind: Literal["single", "relation"]
 
 
-def _side(size: str, rng: np.random.Generator) -> int:
-    return SIZES[size] + int(rng.integers(-SIZE_JITTER[size], SIZE_JITTER[size] + 1))
+def _cells(size: str) -> int:
+    return SIZES[size] // CELL
 
 
-def _single_layout(side: int, rng: np.random.Generator) -> tuple[float, float]:
-    lo, hi = MARGIN + side / 2, IMAGE_SIZE - MARGIN - side / 2
-    return (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+def _across_start(n: int, rng: np.random.Generator) -> int:
+    """First cell, across the relation axis, of an n-cell object kept near the middle (center
+    within ACROSS_ROOM cells of the image's)."""
+    lo = math.ceil(GRID / 2 - n / 2 - ACROSS_ROOM)
+    hi = math.floor(GRID / 2 - n / 2 + ACROSS_ROOM)
+    return int(rng.integers(lo, hi + 1))
 
 
-def _pair_layout(
-    side_a: int, side_b: int, relation: str, rng: np.random.Generator
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Centers of A and B such that 'A relation B' is clear and both stay inside the image."""
-    first, second = (side_a, side_b) if relation in ("above", "left of") else (side_b, side_a)
-    reach = (first + second) / 2
-    gap = float(rng.uniform(reach + GAP, IMAGE_SIZE - 2 * MARGIN - reach))
-    start = float(rng.uniform(MARGIN + first / 2, IMAGE_SIZE - MARGIN - second / 2 - gap))
-    along = (start, start + gap)
-    # Across the axis: near the middle, the two offsets differ by at most half the gap.
-    across = []
-    for side in (first, second):
-        room = min(8.0, IMAGE_SIZE / 2 - MARGIN - side / 2, gap / 4)
-        across.append(IMAGE_SIZE / 2 + float(rng.uniform(-room, room)))
+def _single_layout(n: int, rng: np.random.Generator) -> tuple[int, int]:
+    """First cell (column, row) of a lone n-cell object anywhere on the grid."""
+    return int(rng.integers(0, GRID - n + 1)), int(rng.integers(0, GRID - n + 1))
+
+
+def _pair_layout(n_a: int, n_b: int, relation: str, rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
+    """First cells (column, row) of A and B such that 'A relation B' is clear: along the axis
+    their boxes are at least one cell apart, across it their centers differ by at most
+    2 * ACROSS_ROOM cells, less than the along distance (at least 6 cells)."""
+    first, second = (n_a, n_b) if relation in ("above", "left of") else (n_b, n_a)
+    gap = int(rng.integers(MIN_GAP_CELLS, GRID - first - second + 1))
+    start = int(rng.integers(0, GRID - first - second - gap + 1))
+    along = (start, start + first + gap)
+    across = (_across_start(first, rng), _across_start(second, rng))
     if relation in ("above", "below"):
-        centers = ((across[0], along[0]), (across[1], along[1]))
+        starts = ((across[0], along[0]), (across[1], along[1]))
     else:
-        centers = ((along[0], across[0]), (along[1], across[1]))
-    return centers if relation in ("above", "left of") else (centers[1], centers[0])
+        starts = ((along[0], across[0]), (along[1], across[1]))
+    return starts if relation in ("above", "left of") else (starts[1], starts[0])
 
 
 def _pick(rng: np.random.Generator, items: list) -> object:
@@ -148,11 +153,13 @@ def render_prompt(prompt: Prompt, rng: np.random.Generator) -> Sample:
 def _compose(
     pairs: list[tuple[str, str]], sizes: list[str], relation: str | None, rng: np.random.Generator
 ) -> Sample:
-    sides = [_side(size, rng) for size in sizes]
+    cells = [_cells(size) for size in sizes]
     if relation is None:
-        centers = [_single_layout(sides[0], rng)]
+        starts = [_single_layout(cells[0], rng)]
     else:
-        centers = list(_pair_layout(sides[0], sides[1], relation, rng))
+        starts = list(_pair_layout(cells[0], cells[1], relation, rng))
+    centers = [(CELL * (x + n / 2), CELL * (y + n / 2)) for (x, y), n in zip(starts, cells)]
+    sides = [CELL * n for n in cells]
     objects = [ObjectSpec(c, s, size, center) for (c, s), size, center in zip(pairs, sizes, centers)]
     image = render(objects, sides, rng)
     if relation is None:

@@ -1,86 +1,84 @@
-"""Rendering scenes of flat shapes into 64x64 RGB images.
+"""Rendering scenes of flat pixel-art shapes into 64x64 RGB images.
 
-Each shape's coverage mask is drawn with PIL at 4x resolution and box-filtered down, which gives
-anti-aliased edges; the object color is then blended onto a light, low-chroma background that is
-plain, a soft gradient or faint smooth noise. The same inputs always give the same bytes.
+Shapes are drawn on a grid of CELL x CELL pixel cells, the VQGAN's downsampling factor, and
+objects sit on that grid: every code of an object then holds one flat color, and a shape is only
+*where* its color codes are. That is what lets a small model put a color on a shape it never saw
+it on (the held-out pairs): color and shape are separate decisions in code space. Each shape is
+a fixed odd-sized cell pattern (5x5 small, 7x7 large), drawn over a light, low-chroma background
+that is plain or faintly textured on the same grid. The same inputs always give the same bytes.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from dalle_app.data.world import COLORS, IMAGE_SIZE, ObjectSpec
+from dalle_app.data.world import CELL, COLORS, IMAGE_SIZE, ObjectSpec
 
-SUPERSAMPLE = 4
 COLOR_JITTER = 8  # per-channel jitter of an object's color, so the model sees some variety
 
 
-def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
-    vertices = []
-    for k in range(2 * points):
-        radius = 1.0 if k % 2 == 0 else inner
-        angle = -math.pi / 2 + k * math.pi / points
-        vertices.append((radius * math.cos(angle), radius * math.sin(angle)))
-    return vertices
+def shape_cells(shape: str, n: int) -> np.ndarray:
+    """The cell pattern (n, n) bool of a shape whose box is n cells wide (n odd, >= 5).
 
-
-def _cross(half_width: float = 0.36) -> list[tuple[float, float]]:
-    w = half_width
-    return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
-            (-1, w), (-1, -w), (-w, -w)]
-
-
-def _fit_unit_box(vertices: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Stretch a polygon so its bounding box is exactly [-1, 1]^2: 'size' is then the box side."""
-    xs, ys = zip(*vertices)
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    return [(2 * (x - x0) / (x1 - x0) - 1, 2 * (y - y0) / (y1 - y0) - 1) for x, y in vertices]
-
-
-# Polygons in a unit box [-1, 1]^2, y pointing down; "circle" is drawn as an ellipse.
-POLYGONS: dict[str, list[tuple[float, float]]] = {
-    "square": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
-    "triangle": [(0, -1), (1, 1), (-1, 1)],
-    "diamond": [(0, -1), (1, 0), (0, 1), (-1, 0)],
-    "star": _fit_unit_box(_star()),
-    "cross": _cross(),
-}
+    Patterns are 8-connected and far apart from each other (intersection over union <= 0.84)."""
+    if n % 2 == 0 or n < 5:
+        raise ValueError(f"shapes are drawn on odd grids of at least 5 cells, got {n}")
+    r = (n - 1) // 2
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    ay, ax = np.abs(dy), np.abs(dx)
+    if shape == "square":
+        return np.ones((n, n), bool)
+    if shape == "circle":
+        return dy**2 + dx**2 <= (r + 0.5) ** 2
+    if shape == "diamond":
+        return ay + ax <= r
+    if shape == "triangle":  # apex on top: row k is 2 * ceil(k / 2) + 1 cells wide
+        return ax <= (dy + r + 1) // 2
+    if shape == "cross":  # a plus sign with one-cell arms
+        return (ay == 0) | (ax == 0)
+    if shape == "star":  # eight points: a plus, both diagonals and a solid 3x3 core
+        return (ay == 0) | (ax == 0) | (ay == ax)
+    raise ValueError(f"unknown shape {shape!r}; use one of square, circle, triangle, diamond, star, cross")
 
 
 def shape_mask(shape: str, center: tuple[float, float], side: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Coverage in [0, 1] of one shape, shape (size, size), anti-aliased by 4x supersampling."""
-    s = SUPERSAMPLE
-    canvas = Image.new("L", (size * s, size * s), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, half = center[0] * s, center[1] * s, side * s / 2
-    if shape == "circle":
-        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=255)
-    elif shape in POLYGONS:
-        draw.polygon([(cx + half * x, cy + half * y) for x, y in POLYGONS[shape]], fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; use one of {sorted([*POLYGONS, 'circle'])}")
-    small = canvas.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+    """Coverage in {0, 1} of one shape, shape (size, size): its cell pattern scaled to `side`
+    pixels (a multiple of CELL) with the box centered on `center`."""
+    n = int(round(side / CELL))
+    if n * CELL != side:
+        raise ValueError(f"side must be a multiple of {CELL} pixels, got {side}")
+    left, top = int(round(center[0] - side / 2)), int(round(center[1] - side / 2))
+    pattern = np.kron(shape_cells(shape, n), np.ones((CELL, CELL), bool)).astype(np.float32)
+    out = np.zeros((size, size), np.float32)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + int(side), size), min(left + int(side), size)
+    if y1 > y0 and x1 > x0:
+        out[y0:y1, x0:x1] = pattern[y0 - top : y1 - top, x0 - left : x1 - left]
+    return out
 
 
 def background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A light, nearly neutral float RGB background: plain, soft gradient or faint smooth noise."""
+    """A light, nearly neutral float RGB background: plain, or a faint texture on the cell grid
+    (checkerboard, stripes or a two-tone split), so every cell of it is one flat tint."""
     base = rng.uniform(222, 248) + rng.uniform(-10, 10, size=3)
-    image = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
-    kind = rng.choice(["plain", "gradient", "noise"], p=[0.5, 0.25, 0.25])
-    if kind == "gradient":
-        angle = rng.uniform(0, 2 * math.pi)
-        ramp = np.cos(angle) * np.arange(size)[None, :] + np.sin(angle) * np.arange(size)[:, None]
-        ramp = (ramp - ramp.mean()) / (np.ptp(ramp) + 1e-6)
-        image = image + rng.uniform(8, 16) * ramp[..., None]
-    elif kind == "noise":
-        coarse = rng.normal(0, 1, size=(8, 8)).astype(np.float32)
-        smooth = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
-        image = image + rng.uniform(3, 6) * np.asarray(smooth)[..., None]
-    return np.clip(image, 200, 255)
+    kind = rng.choice(["plain", "checker", "stripes", "split"], p=[0.4, 0.2, 0.2, 0.2])
+    cells = np.arange(size) // CELL
+    rows, cols = cells[:, None], cells[None, :]
+    if kind == "checker":
+        period = int(rng.choice([1, 2]))
+        pattern = ((rows // period + cols // period) % 2).astype(np.float32)
+    elif kind == "stripes":
+        period = int(rng.choice([1, 2]))
+        lines = rows if rng.random() < 0.5 else cols
+        pattern = np.broadcast_to((lines // period) % 2, (size, size)).astype(np.float32)
+    elif kind == "split":
+        lines = rows if rng.random() < 0.5 else cols
+        pattern = np.broadcast_to(lines >= size // CELL // 2, (size, size)).astype(np.float32)
+    else:
+        pattern = np.zeros((size, size), np.float32)
+    image = base + rng.uniform(6, 12) * (pattern - 0.5)[..., None]
+    return np.clip(image, 200, 255).astype(np.float32)
 
 
 def render(objects: list[ObjectSpec], sides: list[float], rng: np.random.Generator) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The vocabulary of the procedural world and its fixed train / held-out split.
 
-The embedded model is trained on scenes of one or two flat shapes on a light background. Some
+The embedded model is trained on scenes of one or two flat pixel-art shapes on a light background. Some
 combinations are *never* shown in training, so evaluation can ask whether the model composes
 attributes and relations it only saw apart:
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 IMAGE_SIZE = 64
+CELL = 4  # pixels per side of a grid cell: objects are drawn and placed on this grid (the VQGAN's f4)
+GRID = IMAGE_SIZE // CELL
 
 # Saturated colors far apart in hue, all far from the light, low-chroma backgrounds.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -36,9 +38,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (235, 80, 170),
 }
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "diamond", "star", "cross")
-# Side of the shape's bounding box in pixels (a little jitter is added when rendering).
-SIZES: dict[str, int] = {"small": 14, "large": 24}
-SIZE_JITTER = {"small": 1, "large": 2}
+# Side of the shape's bounding box in pixels: 5 and 7 cells.
+SIZES: dict[str, int] = {"small": 5 * CELL, "large": 7 * CELL}
 # Relation of object A to object B, as in "A above B".
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
@@ -60,7 +61,7 @@ HELDOUT_TRIPLE_BYTE = 31  # first sha256 byte < 31 -> held out (31/256 ≈ 12%)
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One object of a scene: attributes plus its center (x, y) in pixels of the 64x64 image."""
+    """One object of a scene: attributes plus its box center (x, y) in pixels of the 64x64 image."""
 
     color: str
     shape: str

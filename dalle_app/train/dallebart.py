@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
+from dalle_app.hub import GENERATION_CONFIG
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
 from dalle_app.models.weights import flatten, unflatten
@@ -42,6 +43,9 @@ from dalle_app.train.common import (
 from dalle_app.train.text import CaptionEncoder, cached_normalizer
 
 PHASE = "dallebart"
+# What the app samples this model with unless told otherwise (written as generation_config.json):
+# chosen on prompts of *training* combinations (evaluate.seen_prompts), never on the held-out ones.
+RECOMMENDED_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 1.5}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "enwiki-words-frequency.txt")
 
@@ -78,14 +82,15 @@ def config_json(config: DalleBartConfig) -> dict[str, Any]:
 
 def save_dallebart(folder: Path, config: DalleBartConfig, params: Any, tokenizer_folder: Path | None = None) -> None:
     """Write config.json + flax_model.msgpack (the published scanned layout: layers stacked under
-    `FlaxBart{Encoder,Decoder}Layers`, no "params" wrapper), plus the
-    tokenizer files and word list from `tokenizer_folder`."""
+    `FlaxBart{Encoder,Decoder}Layers`, no "params" wrapper), generation_config.json (the
+    recommended sampling settings), plus the tokenizer files and word list from `tokenizer_folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config_json(config), indent=2, sort_keys=True) + "\n")
     host = unflatten(stack_layers({k: np.asarray(v, np.float32) for k, v in flatten(params).items()}))
     tmp = folder / "flax_model.msgpack.tmp"
     tmp.write_bytes(flax.serialization.msgpack_serialize(host))
     tmp.replace(folder / "flax_model.msgpack")
+    (folder / GENERATION_CONFIG).write_text(json.dumps(RECOMMENDED_SAMPLING, indent=2, sort_keys=True) + "\n")
     if tokenizer_folder is not None:
         for name in TOKENIZER_FILES:
             (folder / name).write_bytes((tokenizer_folder / name).read_bytes())

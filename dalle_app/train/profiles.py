@@ -36,14 +36,15 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         vqgan_model=default_model_config(),
-        vqgan=VQGANTrainConfig(steps=1500, batch_size=8),
-        clip=CLIPTrainConfig(steps=250, batch_size=96),
-        dallebart=DalleBartTrainConfig(steps=1500, batch_size=64, num_samples=60_000),
-        vqgan_decoder=VQGANTrainConfig(steps=600, batch_size=8, lr=5e-4, warmup=50),
+        vqgan=VQGANTrainConfig(steps=1200, batch_size=16),
+        clip=CLIPTrainConfig(steps=600, batch_size=96),
+        dallebart=DalleBartTrainConfig(steps=3000, batch_size=32, num_samples=60_000),
+        vqgan_decoder=VQGANTrainConfig(steps=300, batch_size=16, lr=5e-4, warmup=50),
+        budget_shares=(("vqgan", 0.17), ("clip", 0.1), ("dallebart", 0.67), ("vqgan-decoder", 0.06)),
     ),
     "gpu": Profile(
-        vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
-                                z_channels=64, n_embed=512, embed_dim=32),
+        vqgan_model=VQGANConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                                z_channels=32, n_embed=64, embed_dim=16),  # f4, like the cpu one
         vqgan=VQGANTrainConfig(steps=3000, batch_size=64, lr=1e-3, restart_every=100, save_every=500, log_every=100),
         clip=CLIPTrainConfig(steps=1500, batch_size=256, width=128, layers=4, save_every=500, log_every=100),
         dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,

@@ -40,10 +40,14 @@ PHASE = "vqgan"
 
 
 def default_model_config() -> VQGANConfig:
-    """f8 (64x64 → 8x8 = 64 codes), sized for CPU training: ~1.5M parameters."""
+    """f4 (64x64 → 16x16 = 256 codes, one per cell of the scenes' grid), sized for CPU training.
+
+    64 codes: a cell is one flat object color or a background tint, and few codes leave little room
+    for context-dependent variants of one color (the encoder sees neighbours), so a color is
+    nearly one code wherever it stands."""
     return VQGANConfig(
-        ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=0, attn_resolutions=(), resolution=64,
-        z_channels=64, n_embed=256, embed_dim=32,
+        ch=32, ch_mult=(1, 2, 2), num_res_blocks=0, attn_resolutions=(), resolution=64,
+        z_channels=32, n_embed=64, embed_dim=16,
     )
 
 
