@@ -24,6 +24,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from dalle_app.validation import SAMPLING
+
 KINDS = ("dalle", "vqgan", "clip")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +135,6 @@ def parse_reference(
 
 
 GENERATION_CONFIG = "generation_config.json"
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale")
 
 
 def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
@@ -151,7 +152,8 @@ def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
         data = json.loads(path.read_text(encoding="utf8"))
     except (OSError, ValueError):
         return {}
-    return {k: data[k] for k in SAMPLING_KEYS if isinstance(data.get(k), (int, float)) and not isinstance(data[k], bool)}
+    numbers = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: numbers[k] for k in SAMPLING if k in numbers}
 
 
 def resolve_model(

@@ -226,4 +226,4 @@ def test_recommended_settings_come_from_a_local_generation_config(tmp_path: Path
     assert hub.recommended_settings(tmp_path / "missing") == {}
     assert hub.recommended_settings("mini") == {}  # hub models: DALL·E Mini's defaults, nothing downloaded
     shipped = hub.recommended_settings(None)
-    assert set(shipped) == set(hub.SAMPLING_KEYS)
+    assert set(shipped) == {"temperature", "top_k", "top_p", "cond_scale"}
