@@ -67,12 +67,14 @@ def test_objects_are_on_the_grid_with_their_size(train_batch):
 
 def test_shapes_are_distinct_connected_patterns():
     from dalle_app.data.shapes import shape_cells
+    from dalle_app.oracle import _components
 
     for n in (5, 7):
         patterns = {shape: shape_cells(shape, n) for shape in SHAPES}
         for a in SHAPES:
             pa = patterns[a]
             assert pa[0].any() and pa[-1].any() and pa[:, 0].any() and pa[:, -1].any()  # fills its box
+            assert len(_components(pa)) == 1  # one object for the oracle (8-connected)
             for b in SHAPES:
                 if a < b:
                     iou = (pa & patterns[b]).sum() / (pa | patterns[b]).sum()

@@ -1,9 +1,9 @@
 """Seeded samples, batches and evaluation prompts of the procedural world.
 
 ``sample(rng, "train")`` never shows a held-out combination (see ``world``); ``sample(rng,
-"heldout")`` always shows one. Objects sit on the cell grid (see ``shapes``); scenes are laid out so that a relation is
-unambiguous: along the relation's axis the objects are apart, across it nearly aligned.
-Same seed, same bytes.
+"heldout")`` always shows one. Objects sit on the cell grid (see ``shapes``); scenes are laid
+out so that a relation is unambiguous: along the relation's axis the objects are apart, across
+it nearly aligned. Same seed, same bytes.
 """
 
 from __future__ import annotations

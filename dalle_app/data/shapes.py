@@ -11,7 +11,6 @@ that is plain or faintly textured on the same grid. The same inputs always give 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from dalle_app.data.world import CELL, COLORS, IMAGE_SIZE, ObjectSpec
 

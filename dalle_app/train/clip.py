@@ -39,7 +39,6 @@ from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
     Prefetcher,
-    load_state,
     make_optimizer,
     phase_seed,
     run_loop,
