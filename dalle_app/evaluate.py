@@ -226,10 +226,10 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
 
 
 def evaluate(
-    n_prompts: int = 16,
+    n_prompts: int = 48,
     images_per_prompt: int = 4,
     seed: int = 0,
-    n_seen_prompts: int = 8,
+    n_seen_prompts: int = 16,
     generator: Generator | None = None,
     ground_truth_samples: int = GROUND_TRUTH_SAMPLES,
     grid_path: str | None = None,
@@ -284,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Judge the embedded model on held-out prompts with the oracle.",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
-    parser.add_argument("--n-prompts", type=int, default=16, help="held-out prompts (half one-object, half relations)")
+    parser.add_argument("--n-prompts", type=int, default=48,
+                        help="held-out prompts, half one-object (48: every held-out pair with no, small and large "
+                             "size), half relations")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images generated per prompt")
-    parser.add_argument("--n-seen-prompts", type=int, default=8, help="prompts of training combinations")
+    parser.add_argument("--n-seen-prompts", type=int, default=16, help="prompts of training combinations")
     parser.add_argument("--seed", type=int, default=0, help="fixes the prompts' order and the sampling")
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")

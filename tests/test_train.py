@@ -260,3 +260,32 @@ def test_decoder_finetuning_keeps_every_code(tiny_run: tuple[Path, Path]) -> Non
     a, b = flatten(before.params), flatten(after.params)
     assert all(np.array_equal(a[k], b[k]) for k in a if not k.startswith(("decoder", "post_quant_conv")))
     assert any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("decoder"))
+
+
+def test_decoder_positions_train_as_rows_plus_columns_and_export_as_one_table() -> None:
+    import jax
+
+    from dalle_app.models.dallebart import DalleBart
+    from dalle_app.models.weights import flatten
+    from dalle_app.train.dallebart import model_config, to_grid_positions, with_position_table
+    from dalle_app.train.profiles import PROFILES
+
+    vq = PROFILES["tiny"].vqgan_model
+    config = model_config(vq, 300, 16, d_model=32, encoder_layers=1, decoder_layers=1, heads=2)
+    text = np.ones((1, 16), np.int32)
+    params = DalleBart(config).init(jax.random.PRNGKey(0), text, text, np.ones((1, config.image_length), np.int32))["params"]
+    side = vq.latent_size
+    trained = to_grid_positions(params, side, jax.random.PRNGKey(1))
+    positions = trained["model"]["decoder"]["embed_positions"]
+    assert set(positions) == {"rows", "columns"} and positions["rows"].shape == (side, 32)
+
+    table = with_position_table(trained)
+    # Same tree as the published layout, so save/load and the app's model class are unchanged.
+    assert {k: v.shape for k, v in flatten(table).items()} == {k: v.shape for k, v in flatten(params).items()}
+    embedding = np.asarray(table["model"]["decoder"]["embed_positions"]["embedding"])
+    r, c = 3, 5  # code r*side+c sits at row r, column c of the code grid
+    np.testing.assert_allclose(embedding[r * side + c], positions["rows"][r] + positions["columns"][c], rtol=1e-6)
+    assert 0.5 < embedding.std() / np.asarray(params["model"]["decoder"]["embed_positions"]["embedding"]).std() < 2
+    assert with_position_table(params) is params
+    with pytest.raises(ValueError, match="not a 7x7 grid"):
+        to_grid_positions(params, 7, jax.random.PRNGKey(1))

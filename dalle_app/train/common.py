@@ -183,8 +183,11 @@ def run_loop(
         total = int(state["total_steps"]) or 10**9
         out_of_time = deadline is not None and time.time() > deadline and step >= (min_steps if replan else 0)
         if step % log_every == 0 and replan and state["total_steps"] and step < total // 2:
-            # The machine's load changes: until half-way, re-fit the total to the time left.
-            per_step = (time.time() - probe_from[1]) / (step - probe_from[0])
+            # The machine's load changes: until half-way, re-fit the total to the time left at the
+            # speed of the steps since the last log (a run that shared the CPU for a while and
+            # then has it alone should plan with its speed now, not its average).
+            jax.block_until_ready(metrics)  # steps dispatched but not yet run would count as done
+            per_step = (time.time() - t_window) / len(window)
             left = (seconds or 0.0) - (time.time() - t_start)
             state["total_steps"] = total = max(min_steps, 2 * step, step + int(left / per_step))
         if step % log_every == 0 or step == total or out_of_time:

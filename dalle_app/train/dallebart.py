@@ -112,6 +112,53 @@ class DalleBartTrainConfig:
     encoder_layers: int = 2
     decoder_layers: int = 3
     heads: int = 4
+    grid_positions: bool = True  # train the decoder's position table as row + column (see below)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder positions as row + column
+#
+# Code i of the image sits at row i // w, column i % w of the code grid, and the decoder's input at
+# position i predicts code i. Drawing an outline means copying what the row above did at the same
+# column; with one free vector per position the model has to discover that 256 times over. The
+# trained parameters hold a row table and a column table instead, and the published layout's
+# single table `embed_positions` is their sum (`with_position_table`), so the checkpoint and the
+# model class are unchanged.
+
+POSITIONS = ("model", "decoder", "embed_positions")
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree: Any, path: tuple[str, ...], value: Any) -> Any:
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def to_grid_positions(params: Any, side: int, rng: jax.Array) -> Any:
+    """Model parameters → training parameters with `embed_positions` = {"rows", "columns"}, fresh
+    tables of `side` vectors whose sums have the variance of the table they replace."""
+    table = _get(params, POSITIONS)["embedding"]
+    if table.shape[0] != side * side:
+        raise ValueError(f"the decoder has {table.shape[0]} positions, not a {side}x{side} grid")
+    std = float(jnp.std(table)) / np.sqrt(2.0)
+    rows, columns = jax.random.normal(rng, (2, side, table.shape[1]), table.dtype) * std
+    return _replace(params, POSITIONS, {"rows": rows, "columns": columns})
+
+
+def with_position_table(params: Any) -> Any:
+    """Training parameters → model parameters (identity when positions are a plain table)."""
+    positions = _get(params, POSITIONS)
+    if "rows" not in positions:
+        return params
+    rows, columns = positions["rows"], positions["columns"]
+    table = (rows[:, None, :] + columns[None, :, :]).reshape(-1, rows.shape[-1])
+    return _replace(params, POSITIONS, {"embedding": table})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +232,7 @@ def decoder_inputs(codes: jax.Array, bos: int) -> jax.Array:
 def make_loss(module: DalleBart):
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         codes = batch["codes"]
-        logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+        logits = module.apply({"params": with_position_table(params)}, batch["input_ids"], batch["attention_mask"],
                               decoder_inputs(codes, module.config.decoder_start_token_id))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, codes).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == codes)
@@ -263,6 +310,8 @@ def train_dallebart(
     params = jax.jit(module.init)(jax.random.PRNGKey(phase_seed(seed, "dallebart-init")), text, text,
                                   jnp.ones((1, config.image_length), jnp.int32))["params"]
     log(0, parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params))))
+    if cfg.grid_positions:
+        params = to_grid_positions(params, vq_config.latent_size, jax.random.PRNGKey(phase_seed(seed, "dallebart-grid")))
 
     optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
     tx = make_optimizer(optim)
@@ -275,7 +324,7 @@ def train_dallebart(
         return st, metrics
 
     def export(st: dict[str, Any]) -> None:
-        save_dallebart(folder / "model", config, st["params"], tokenizer_folder)
+        save_dallebart(folder / "model", config, with_position_table(st["params"]), tokenizer_folder)
         log(int(st["step"]), **evaluate(module, st["params"], eval_data, uncond))
 
     state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
@@ -286,4 +335,4 @@ def train_dallebart(
               **evaluate(module, state["params"], eval_data, uncond)}
     log(int(state["step"]), **report)
     write_json(folder / "report.json", report)
-    return config, state["params"], report
+    return config, with_position_table(state["params"]), report
