@@ -258,19 +258,23 @@ def evaluate(
     return figures
 
 
-def save_grid(judged: list[Judged], path: str) -> None:
-    """One row per prompt, its images best-ranked first, framed green (correct) or red (wrong)."""
+def save_grid(judged: list[Judged], path: str, rows_per_block: int = 16) -> None:
+    """One row per prompt, its images best-ranked first, framed green (correct) or red (wrong);
+    past ``rows_per_block`` prompts the rows continue in a new block to the right."""
     from PIL import Image
 
-    cell = 68
+    cell, gap = 68, 12
     columns = max(len(j.images) for j in judged)
-    grid = np.full((cell * len(judged), cell * columns, 3), 255, np.uint8)
-    for row, j in enumerate(judged):
+    blocks = -(-len(judged) // rows_per_block)
+    width = blocks * cell * columns + (blocks - 1) * gap
+    grid = np.full((cell * min(len(judged), rows_per_block), width, 3), 255, np.uint8)
+    for index, j in enumerate(judged):
+        row, left = index % rows_per_block, (index // rows_per_block) * (cell * columns + gap)
         for col, (image, ok) in enumerate(zip(j.images, j.correct)):
             framed = np.empty((cell, cell, 3), np.uint8)
             framed[:] = (40, 170, 60) if ok else (210, 40, 40)
             framed[2:-2, 2:-2] = np.asarray(Image.fromarray(image).resize((cell - 4, cell - 4)))
-            grid[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = framed
+            grid[row * cell : (row + 1) * cell, left + col * cell : left + (col + 1) * cell] = framed
     Image.fromarray(grid).save(path)
 
 
@@ -291,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-seen-prompts", type=int, default=16, help="prompts of training combinations")
     parser.add_argument("--seed", type=int, default=0, help="fixes the prompts' order and the sampling")
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
+    parser.add_argument("--top-p", type=float, default=None, help="sampling top-p (default: the pipeline's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the pipeline's)")
     for kind in ("dalle", "vqgan", "clip"):
@@ -308,8 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.generator == "truth":
         generator = truth_generator(heldout_prompts(args.n_prompts, args.seed) + seen_prompts(args.n_seen_prompts, args.seed))
     else:
-        settings = {k: v for k, v in (("top_k", args.top_k), ("cond_scale", args.cond_scale),
-                                      ("temperature", args.temperature)) if v is not None}
+        asked = (("top_k", args.top_k), ("top_p", args.top_p), ("cond_scale", args.cond_scale),
+                 ("temperature", args.temperature))
+        settings = {k: v for k, v in asked if v is not None}
         models = {k: getattr(args, k) for k in ("dalle", "vqgan", "clip") if getattr(args, k)}
         generator = PipelineGenerator(models, **settings)
     figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator,
