@@ -289,3 +289,12 @@ def test_decoder_positions_train_as_rows_plus_columns_and_export_as_one_table() 
     assert with_position_table(params) is params
     with pytest.raises(ValueError, match="not a 7x7 grid"):
         to_grid_positions(params, 7, jax.random.PRNGKey(1))
+
+
+def test_resuming_a_state_of_other_settings_says_what_to_do(tmp_path: Path) -> None:
+    from dalle_app.train.common import load_state, save_state
+
+    save_state(tmp_path / "state.msgpack", {"step": 3, "params": {"embedding": np.zeros((4, 2), np.float32)}})
+    other = {"step": 0, "params": {"rows": np.zeros((2, 2), np.float32), "columns": np.zeros((2, 2), np.float32)}}
+    with pytest.raises(ValueError, match="new --out folder"):
+        load_state(tmp_path / "state.msgpack", other)

@@ -89,7 +89,12 @@ def load_state(path: Path, template: dict[str, Any]) -> dict[str, Any] | None:
     """Restore a state saved by `save_state` into the structure of `template`; None if there is none."""
     if not path.is_file():
         return None
-    return flax.serialization.from_bytes(template, path.read_bytes())
+    try:
+        return flax.serialization.from_bytes(template, path.read_bytes())
+    except ValueError as error:
+        raise ValueError(f"{path} was saved with other model settings than this run's (sizes, profile, or "
+                         f"a training run from before DalleBart's row + column positions); run with the "
+                         f"settings that made it, or use a new --out folder. ({error})") from error
 
 
 # ---------------------------------------------------------------------------------------------
