@@ -54,15 +54,43 @@ def test_every_cell_of_a_scene_is_one_flat_color(train_batch):
     assert (cells.max(axis=(2, 4)) == cells.min(axis=(2, 4))).all()
 
 
-def test_objects_are_on_the_grid_with_their_size(train_batch):
-    from dalle_app.data.world import CELL, GRID, SIZES
+def test_background_textures_come_in_place_blocks(train_batch):
+    """Away from the objects, each PLACE x PLACE block of cells is one flat tint, and some
+    backgrounds are textured (not one tint everywhere)."""
+    from dalle_app.data.shapes import shape_mask
+    from dalle_app.data.world import CELL, PLACE, SIZES
 
-    for s in train_batch.samples[:500]:
+    block = CELL * PLACE
+    textured = 0
+    for image, s in zip(train_batch.images[:200].astype(np.int16), train_batch.samples):
+        covered = sum(shape_mask(o.shape, o.center, SIZES[o.size]) for o in s.objects) > 0
+        tints = set()
+        for y in range(0, 64, block):
+            for x in range(0, 64, block):
+                free = image[y:y + block, x:x + block][~covered[y:y + block, x:x + block]]
+                if len(free):
+                    assert (free == free[0]).all()
+                    tints.add(tuple(free[0]))
+        textured += len(tints) > 1
+    assert 60 <= textured <= 160  # 60% of the backgrounds are textured
+
+
+def test_objects_are_on_the_grid_with_their_size(train_batch):
+    """Objects start on every PLACE-th cell (one fixed code pattern per shape for the f8 VQGAN),
+    inside the image, and lone objects use every such place that fits."""
+    from dalle_app.data.world import CELL, GRID, PLACE, SIZES
+
+    lone_starts = set()
+    for s in train_batch.samples:
         for o in s.objects:
             side = SIZES[o.size]
             left, top = o.center[0] - side / 2, o.center[1] - side / 2
-            assert left % CELL == 0 and top % CELL == 0
+            assert left % (CELL * PLACE) == 0 and top % (CELL * PLACE) == 0
             assert 0 <= left and left + side <= CELL * GRID and 0 <= top and top + side <= CELL * GRID
+            if len(s.objects) == 1 and o.size == "small":
+                lone_starts.add((left, top))
+    places = range(0, CELL * (GRID - SIZES["small"] // CELL) + 1, CELL * PLACE)
+    assert lone_starts == {(x, y) for x in places for y in places}
 
 
 def test_shapes_are_distinct_connected_patterns():

@@ -23,6 +23,7 @@ from dalle_app.data.world import (
     HELDOUT_PAIRS,
     IMAGE_SIZE,
     INVERSE,
+    PLACE,
     RELATIONS,
     SIZES,
     ObjectSpec,
@@ -77,27 +78,34 @@ def _cells(size: str) -> int:
     return SIZES[size] // CELL
 
 
+def _placed(lo: int, hi: int) -> list[int]:
+    """The placement cells (multiples of PLACE) in [lo, hi]."""
+    return list(range(math.ceil(lo / PLACE) * PLACE, hi + 1, PLACE))
+
+
 def _across_start(n: int, rng: np.random.Generator) -> int:
     """First cell, across the relation axis, of an n-cell object kept near the middle (center
     within ACROSS_ROOM cells of the image's)."""
     lo = math.ceil(GRID / 2 - n / 2 - ACROSS_ROOM)
     hi = math.floor(GRID / 2 - n / 2 + ACROSS_ROOM)
-    return int(rng.integers(lo, hi + 1))
+    return int(_pick(rng, _placed(lo, hi)))
 
 
 def _single_layout(n: int, rng: np.random.Generator) -> tuple[int, int]:
     """First cell (column, row) of a lone n-cell object anywhere on the grid."""
-    return int(rng.integers(0, GRID - n + 1)), int(rng.integers(0, GRID - n + 1))
+    starts = _placed(0, GRID - n)
+    return int(_pick(rng, starts)), int(_pick(rng, starts))
 
 
 def _pair_layout(n_a: int, n_b: int, relation: str, rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
     """First cells (column, row) of A and B such that 'A relation B' is clear: along the axis
     their boxes are at least one cell apart, across it their centers differ by at most
-    2 * ACROSS_ROOM cells, less than the along distance (at least 6 cells)."""
+    2 * ACROSS_ROOM cells, less than the along distance (at least 6 cells). The distance is drawn
+    first, uniformly among those that fit, then where the pair starts."""
     first, second = (n_a, n_b) if relation in ("above", "left of") else (n_b, n_a)
-    gap = int(rng.integers(MIN_GAP_CELLS, GRID - first - second + 1))
-    start = int(rng.integers(0, GRID - first - second - gap + 1))
-    along = (start, start + first + gap)
+    fits = [(s1, s2) for s1 in _placed(0, GRID) for s2 in _placed(s1 + first + MIN_GAP_CELLS, GRID - second)]
+    distance = int(_pick(rng, sorted({s2 - s1 for s1, s2 in fits})))
+    along = _pick(rng, [(s1, s2) for s1, s2 in fits if s2 - s1 == distance])
     across = (_across_start(first, rng), _across_start(second, rng))
     if relation in ("above", "below"):
         starts = ((across[0], along[0]), (across[1], along[1]))

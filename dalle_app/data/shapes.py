@@ -5,14 +5,15 @@ objects sit on that grid: every code of an object then holds one flat color, and
 *where* its color codes are. That is what lets a small model put a color on a shape it never saw
 it on (the held-out pairs): color and shape are separate decisions in code space. Each shape is
 a fixed odd-sized cell pattern (5x5 small, 7x7 large), drawn over a light, low-chroma background
-that is plain or faintly textured on the same grid. The same inputs always give the same bytes.
+that is plain or faintly textured in blocks of PLACE x PLACE cells. The same inputs always give
+the same bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from dalle_app.data.world import CELL, COLORS, IMAGE_SIZE, ObjectSpec
+from dalle_app.data.world import CELL, COLORS, IMAGE_SIZE, PLACE, ObjectSpec
 
 COLOR_JITTER = 8  # per-channel jitter of an object's color, so the model sees some variety
 
@@ -58,11 +59,11 @@ def shape_mask(shape: str, center: tuple[float, float], side: float, size: int =
 
 
 def background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A light, nearly neutral float RGB background: plain, or a faint texture on the cell grid
-    (checkerboard, stripes or a two-tone split), so every cell of it is one flat tint."""
+    """A light, nearly neutral float RGB background: plain, or a faint texture of PLACE x PLACE
+    cell blocks (checkerboard, stripes or a two-tone split), so every cell of it is one flat tint."""
     base = rng.uniform(222, 248) + rng.uniform(-10, 10, size=3)
     kind = rng.choice(["plain", "checker", "stripes", "split"], p=[0.4, 0.2, 0.2, 0.2])
-    cells = np.arange(size) // CELL
+    cells = np.arange(size) // (CELL * PLACE)
     rows, cols = cells[:, None], cells[None, :]
     if kind == "checker":
         period = int(rng.choice([1, 2]))
@@ -73,7 +74,7 @@ def background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
         pattern = np.broadcast_to((lines // period) % 2, (size, size)).astype(np.float32)
     elif kind == "split":
         lines = rows if rng.random() < 0.5 else cols
-        pattern = np.broadcast_to(lines >= size // CELL // 2, (size, size)).astype(np.float32)
+        pattern = np.broadcast_to(lines >= size // (CELL * PLACE) // 2, (size, size)).astype(np.float32)
     else:
         pattern = np.zeros((size, size), np.float32)
     image = base + rng.uniform(6, 12) * (pattern - 0.5)[..., None]

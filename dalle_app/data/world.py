@@ -25,6 +25,9 @@ from functools import lru_cache
 IMAGE_SIZE = 64
 CELL = 4  # pixels per side of a grid cell: objects are drawn and placed on this grid (the VQGAN's f4)
 GRID = IMAGE_SIZE // CELL
+# Objects start on every PLACE-th cell (and background textures come in PLACE x PLACE blocks): a
+# quarter of the places, so DalleBart sees each shape at each of them four times as often.
+PLACE = 2
 
 # Saturated colors far apart in hue, all far from the light, low-chroma backgrounds.
 COLORS: dict[str, tuple[int, int, int]] = {
