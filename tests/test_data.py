@@ -76,8 +76,8 @@ def test_background_textures_come_in_place_blocks(train_batch):
 
 
 def test_objects_are_on_the_grid_with_their_size(train_batch):
-    """Objects start on every PLACE-th cell (one fixed code pattern per shape for the f8 VQGAN),
-    inside the image, and lone objects use every such place that fits."""
+    """Objects start on every PLACE-th cell, inside the image, and lone objects use every such
+    place that fits."""
     from dalle_app.data.world import CELL, GRID, PLACE, SIZES
 
     lone_starts = set()

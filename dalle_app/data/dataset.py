@@ -103,7 +103,8 @@ def _pair_layout(n_a: int, n_b: int, relation: str, rng: np.random.Generator) ->
     2 * ACROSS_ROOM cells, less than the along distance (at least 6 cells). The distance is drawn
     first, uniformly among those that fit, then where the pair starts."""
     first, second = (n_a, n_b) if relation in ("above", "left of") else (n_b, n_a)
-    fits = [(s1, s2) for s1 in _placed(0, GRID) for s2 in _placed(s1 + first + MIN_GAP_CELLS, GRID - second)]
+    last_first = GRID - first - MIN_GAP_CELLS - second
+    fits = [(s1, s2) for s1 in _placed(0, last_first) for s2 in _placed(s1 + first + MIN_GAP_CELLS, GRID - second)]
     distance = int(_pick(rng, sorted({s2 - s1 for s1, s2 in fits})))
     along = _pick(rng, [(s1, s2) for s1, s2 in fits if s2 - s1 == distance])
     across = (_across_start(first, rng), _across_start(second, rng))
