@@ -70,10 +70,22 @@ def page(app_url, tmp_path):
 
 
 def open_advanced_and_set_images(page, n: int) -> None:
+    """Open the accordion and type `n` into the slider's number box, until the app has taken it.
+
+    The accordion mounts its children when first opened; a value typed before the slider is wired
+    stays in the box but never reaches the app (CI once generated the default 9 images that way).
+    The range input is drawn from the app's state, so it shows whether the value arrived.
+    """
     page.get_by_text("Advanced settings").click()
-    box = page.get_by_label("Number of images").first
-    box.fill(str(n))
-    box.press("Tab")
+    box = page.get_by_label("number input for Number of images")
+    state = page.get_by_label("range slider for Number of images")
+    for _ in range(20):
+        box.fill(str(n))
+        box.press("Tab")
+        page.wait_for_timeout(250)
+        if state.input_value() == str(n):
+            return
+    raise AssertionError(f"the Number of images slider never took the value {n}")
 
 
 def test_type_a_prompt_click_generate_and_see_the_ranked_gallery(page, tmp_path):
