@@ -20,8 +20,9 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``color_accuracy`` / ``shape_accuracy``: all prompts, all images, every asked color / shape
   is on some object (partial credit: where a model fails).
 * ``vqgan_roundtrip_accuracy`` (``_color_`` / ``_shape_``): ground-truth held-out renders encoded
-  and decoded by the model's VQGAN, judged against their own scene: the ceiling of the figures
-  above, given the VQGAN (model runs only).
+  by the model's VQGAN to the codes DalleBart is trained on (one per color of the scene) and
+  decoded, judged against their own scene: the ceiling of the figures above, given the VQGAN
+  (model runs only).
 * ``seen_accuracy`` (``_top1_``, ``_color_``, ``_shape_``): the same judgements on
   ``--n-seen-prompts`` prompts built from combinations training does show (how well the model
   learned its world at all).
@@ -112,14 +113,17 @@ class PipelineGenerator:
 
 
 def vqgan_roundtrip(vqgan: object, images: np.ndarray, chunk: int = 8) -> np.ndarray:
-    """uint8 (N, H, W, 3) → the same images after VQGAN encode + decode, uint8."""
+    """uint8 (N, H, W, 3) → the same images after VQGAN encode, one code per color (what DalleBart
+    is trained on) and decode, uint8."""
     from dalle_app.models.vqgan import to_uint8
+    from dalle_app.train.codes import color_consistent_codes
 
+    side = vqgan.config.resolution // vqgan.config.latent_size
     out = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk].astype(np.float32) / 255.0
         padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), np.float32)])
-        codes, _ = vqgan.encode(padded)
+        codes = color_consistent_codes(padded, np.asarray(vqgan.encode(padded)[0]), side)
         out.append(np.asarray(to_uint8(vqgan.decode(codes)))[: len(part)])
     return np.concatenate(out)
 

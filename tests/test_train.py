@@ -194,6 +194,35 @@ def test_object_weights_mark_the_drawn_shapes() -> None:
     assert 0.05 < (w > 1).mean() < 0.15  # about the square's 20x20 pixels
 
 
+def test_mosaics_move_whole_cells_and_the_locality_loss_sees_moved_vectors() -> None:
+    import jax.numpy as jnp
+
+    from dalle_app.train.vqgan import locality_loss, shuffle_cells
+
+    x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    order = np.array([3, 0, 2, 1])  # 2x2 cells of 4x4 pixels
+    y = np.asarray(shuffle_cells(jnp.asarray(x), jnp.asarray(order), 4))
+    assert np.array_equal(y[:, :4, :4], x[:, 4:, 4:]) and np.array_equal(y[:, :4, 4:], x[:, :4, :4])
+    assert np.array_equal(y[:, 4:, :4], x[:, 4:, :4]) and np.array_equal(y[:, 4:, 4:], x[:, :4, 4:])
+    latents = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 5)), jnp.float32)
+    moved = shuffle_cells(latents, jnp.asarray(order), 1)  # one vector per cell
+    assert float(locality_loss(latents, moved, jnp.asarray(order))) == 0.0
+    assert float(locality_loss(latents, latents, jnp.asarray(order))) > 0.1
+
+
+def test_codes_made_consistent_give_each_color_of_an_image_one_code() -> None:
+    from dalle_app.train.codes import code_consistency, color_consistent_codes
+
+    image = np.zeros((1, 8, 8, 3), np.float32)
+    image[0, :4, :4] = 1.0  # one white cell, three black ones
+    local = np.array([[7, 2, 2, 2]])
+    assert code_consistency(image, local, 4) == 1.0
+    assert code_consistency(image, np.array([[7, 2, 5, 2]]), 4) == 0.75
+    assert np.array_equal(color_consistent_codes(image, np.array([[7, 2, 5, 2]]), 4), local)
+    assert np.array_equal(color_consistent_codes((image * 255).astype(np.uint8), np.array([[7, 5, 5, 2]]), 4),
+                          [[7, 5, 5, 5]])
+
+
 @pytest.mark.slow
 def test_export_falls_back_to_float16_over_the_size_limit(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     from dalle_app.models.clip import load_clip

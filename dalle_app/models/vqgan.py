@@ -429,6 +429,7 @@ class VQOutput(NamedTuple):
     indices: (B, h*w) int32 codes, row-major.
     codebook_loss: mean((z_q - sg(z))²), trains the codebook.
     commitment_loss: mean((sg(z_q) - z)²), trains the encoder; taming weights it by beta = 0.25.
+    latents: z, the encoder's vectors before quantization (B, h, w, embed_dim).
     """
 
     reconstruction: jax.Array
@@ -436,6 +437,7 @@ class VQOutput(NamedTuple):
     indices: jax.Array
     codebook_loss: jax.Array
     commitment_loss: jax.Array
+    latents: jax.Array
 
 
 class VQModel(nn.Module):
@@ -488,7 +490,7 @@ class VQModel(nn.Module):
         quantized = z + jax.lax.stop_gradient(z_q - z)
         reconstruction = self.decode(quantized, train).astype(jnp.float32)
         return VQOutput(reconstruction, quantized, indices.reshape(indices.shape[0], -1),
-                        codebook_loss, commitment_loss)
+                        codebook_loss, commitment_loss, z)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """DalleBart training on the trained VQGAN's codes, with blank captions for super-conditioning.
 
-The dataset is rendered once and pre-encoded: N training scenes → VQGAN codes (N, h*w) and
+The dataset is rendered once and pre-encoded: N training scenes → VQGAN codes (N, h*w), one
+code per color of a scene, and
 caption token ids, exactly as the app tokenizes prompts (`TextProcessor`: normalizer, then the
 BPE, padded to max_text_length). Each step draws a batch from it with a step-derived seed and
 replaces ~15% of the captions by the unconditional input, the *raw* empty string tokenized
@@ -28,6 +29,7 @@ from dalle_app.hub import GENERATION_CONFIG
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
 from dalle_app.models.weights import flatten, unflatten
+from dalle_app.train.codes import color_consistent_codes
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
@@ -184,9 +186,10 @@ def render_chunk(seed: int, c: int, n: int, chunk: int, split: str, word_file: P
 def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEncoder, n: int, seed: int,
                   split: str, chunk: int = 1024, log: PhaseLog | None = None,
                   workers: int = 0) -> dict[str, np.ndarray]:
-    """Render `n` scenes of `split` (in `workers` processes), encode them to codes (n, h*w) uint16
-    and tokenize their captions."""
+    """Render `n` scenes of `split` (in `workers` processes), encode them to codes (n, h*w) uint16,
+    one code per color of an image (`color_consistent_codes`), and tokenize their captions."""
     encode = make_code_encoder(vq_module)
+    side = vq_module.config.resolution // vq_module.config.latent_size
     codes, ids, masks = [], [], []
     chunks = Prefetcher(partial(render_chunk, seed, n=n, chunk=chunk, split=split,
                                 word_file=captions_to_ids.word_file), workers)
@@ -197,7 +200,8 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
         for i in range(0, size, 256):
             part = pixels[i:i + 256]
             padded = np.concatenate([part, np.zeros((256 - len(part),) + part.shape[1:], np.float32)])
-            codes.append(np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)].astype(np.uint16))
+            found = np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)]
+            codes.append(color_consistent_codes(part, found, side).astype(np.uint16))
         tok = captions_to_ids.tokenize_normalized(captions)
         ids.append(tok[0])
         masks.append(tok[1])

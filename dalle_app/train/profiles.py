@@ -37,7 +37,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         vqgan_model=default_model_config(),
-        vqgan=VQGANTrainConfig(steps=1200, batch_size=16),
+        vqgan=VQGANTrainConfig(steps=1000, batch_size=8),  # + 8 mosaics per step (locality loss)
         clip=CLIPTrainConfig(steps=1400, batch_size=96),
         dallebart=DalleBartTrainConfig(steps=3500, batch_size=32, num_samples=60_000),
         vqgan_decoder=VQGANTrainConfig(steps=300, batch_size=16, lr=5e-4, warmup=50),

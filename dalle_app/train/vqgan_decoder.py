@@ -1,7 +1,8 @@
 """Fine-tune the VQGAN's decoder alone (`post_quant_conv` + `decoder`), encoder and codebook frozen.
 
-Every image keeps exactly the codes it had, so a DalleBart trained on those codes stays valid,
-while the codes decode to sharper images. It runs after DalleBart, with the time that is left.
+The decoder learns to draw the codes DalleBart is trained on: the encoder's codes made one per
+color of an image (`color_consistent_codes`). Codes never change, so a DalleBart trained on them
+stays valid, while they decode to sharper images. It runs after DalleBart, with the time left.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dalle_app.models.vqgan import VQModel, load_vqgan, save_vqgan
+from dalle_app.train.codes import color_consistent_codes
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
@@ -33,23 +36,29 @@ TRAINED = ("decoder", "post_quant_conv")
 
 
 def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGANTrainConfig):
-    """Jitted (decoder params, opt_state, frozen params, images) → (decoder params, opt_state, metrics)."""
+    """Jitted (decoder params, opt_state, frozen params, images, their codes) → (decoder params,
+    opt_state, metrics)."""
 
-    def loss_fn(trained: Any, frozen: Any, x: jax.Array):
-        params = {**frozen, **trained}
-        z_q = jax.lax.stop_gradient(module.apply({"params": params}, x, method=VQModel.encode)[1])
-        y = module.apply({"params": params}, z_q, method=VQModel.decode).astype(jnp.float32)
+    def loss_fn(trained: Any, frozen: Any, x: jax.Array, codes: jax.Array):
+        y = module.apply({"params": {**frozen, **trained}}, codes, method=VQModel.decode_codes)
         rec = reconstruction_losses(x, y, cfg.object_weight)
         loss = rec["l1"] + cfg.l2_weight * rec["l2"] + cfg.gradient_weight * rec["grad_l1"]
         return loss, {"loss": loss, **rec}
 
     @jax.jit
-    def step(trained: Any, opt_state: Any, frozen: Any, x: jax.Array):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, x)
+    def step(trained: Any, opt_state: Any, frozen: Any, x: jax.Array, codes: jax.Array):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, x, codes)
         updates, opt_state = tx.update(grads, opt_state, trained)
         return optax.apply_updates(trained, updates), opt_state, metrics
 
     return step
+
+
+def drawn_codes(module: VQModel, params: Any):
+    """Images → the codes DalleBart draws for them (host numpy, one code per color)."""
+    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_pixels)[0])
+    side = module.config.resolution // module.config.latent_size
+    return lambda x: color_consistent_codes(x, np.asarray(encode(params, jnp.asarray(x))), side)
 
 
 def finetune_decoder(out: Path, cfg: VQGANTrainConfig, seed: int = 0, deadline: float | None = None,
@@ -67,10 +76,12 @@ def finetune_decoder(out: Path, cfg: VQGANTrainConfig, seed: int = 0, deadline: 
     state = start_state(folder, log, trained, tx, cfg.steps, cfg.seconds)
     train_step = make_train_step(vq.module, tx, cfg)
     images = Prefetcher(partial(images_for_step, seed + 1, n=cfg.batch_size), workers)
+    codes_of = drawn_codes(vq.module, vq.params)
 
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        x = images(step)
         st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], frozen,
-                                                             jnp.asarray(images(step)))
+                                                             jnp.asarray(x), jnp.asarray(codes_of(x)))
         return st, metrics
 
     def export(st: dict[str, Any]) -> None:
