@@ -46,7 +46,7 @@ from dalle_app.train.text import CaptionEncoder, cached_normalizer
 PHASE = "dallebart"
 # What the app samples this model with unless told otherwise (written as generation_config.json):
 # chosen on prompts of *training* combinations (evaluate.seen_prompts), never on the held-out ones.
-RECOMMENDED_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 1.5}
+RECOMMENDED_SAMPLING = {"temperature": 0.6, "top_k": 50, "top_p": 1.0, "cond_scale": 1.5}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "enwiki-words-frequency.txt")
 
