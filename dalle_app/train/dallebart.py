@@ -1,12 +1,12 @@
 """DalleBart training on the trained VQGAN's codes, with blank captions for super-conditioning.
 
 The dataset is rendered once and pre-encoded: N training scenes → VQGAN codes (N, h*w), one
-code per color of a scene, and
-caption token ids, exactly as the app tokenizes prompts (`TextProcessor`: normalizer, then the
-BPE, padded to max_text_length). Each step draws a batch from it with a step-derived seed and
-replaces ~15% of the captions by the unconditional input, the *raw* empty string tokenized
-without normalization (`<s></s><pad>…`), which is what the app feeds the unconditional branch of
-super-conditioning. The loss is next-code cross-entropy with the decoder fed BOS + codes[:-1].
+code per color of a scene (`color_consistent_codes`), and caption token ids, exactly as the app
+tokenizes prompts (`TextProcessor`: normalizer, then the BPE, padded to max_text_length). Each
+step draws a batch from it with a step-derived seed and replaces ~15% of the captions by the
+unconditional input, the *raw* empty string tokenized without normalization (`<s></s><pad>…`),
+which is what the app feeds the unconditional branch of super-conditioning. The loss is
+next-code cross-entropy with the decoder fed BOS + codes[:-1].
 """
 
 from __future__ import annotations

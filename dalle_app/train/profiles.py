@@ -1,6 +1,6 @@
 """Model sizes, batch sizes and step counts for each kind of machine (`--profile`).
 
-- `cpu`: the shipped assets' step counts (about 107 minutes on 2 CPU cores; `--minutes-budget 90`
+- `cpu`: the shipped assets' step counts (about 125 minutes on 2 CPU cores; `--minutes-budget 90`
   scales them to 90).
 - `gpu`: one modern GPU for a few minutes: bigger models, batches and dataset.
 - `tiny`: seconds-long runs for the tests.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGA
     return step
 
 
-def drawn_codes(module: VQModel, params: Any):
+def drawn_codes(module: VQModel, params: Any) -> Callable[[np.ndarray], np.ndarray]:
     """Images → the codes DalleBart draws for them (host numpy, one code per color)."""
     encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_pixels)[0])
     side = module.config.resolution // module.config.latent_size
