@@ -118,7 +118,7 @@ def vqgan_roundtrip(vqgan: object, images: np.ndarray, chunk: int = 8) -> np.nda
     from dalle_app.models.vqgan import to_uint8
     from dalle_app.train.codes import color_consistent_codes
 
-    side = vqgan.config.resolution // vqgan.config.latent_size
+    side = vqgan.config.downsampling
     out = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk].astype(np.float32) / 255.0

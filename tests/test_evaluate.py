@@ -112,13 +112,12 @@ SHIPPED_FLOORS: dict[str, float] = {
 @pytest.mark.skipif(bool(ASSETS_MISSING), reason=f"embedded model assets missing: {ASSETS_MISSING}")
 def test_shipped_vqgan_codes_are_local():
     """The shipped encoder mostly gives one colour one code (measured 0.61 on 256 held-out scenes;
-    0.39 before the locality loss), and DalleBart's codes of a scene are one per colour."""
+    0.39 before the locality loss)."""
     from dalle_app.data import batch
     from dalle_app.models.vqgan import load_vqgan
-    from dalle_app.train.codes import code_consistency, color_consistent_codes
+    from dalle_app.train.codes import code_consistency
 
     vq = load_vqgan(EMBEDDED_FOLDERS["vqgan"])
     images = batch(seed=5, n=32, split="heldout").images.astype(np.float32) / 255.0
     codes = np.asarray(vq.encode(images)[0])
-    assert code_consistency(images, codes, 4) > 0.5
-    assert code_consistency(images, color_consistent_codes(images, codes, 4), 4) == 1.0
+    assert code_consistency(images, codes, vq.config.downsampling) > 0.5

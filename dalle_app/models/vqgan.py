@@ -100,9 +100,14 @@ class VQGANConfig:
         return len(self.ch_mult)
 
     @property
+    def downsampling(self) -> int:
+        """Pixels per side of the image patch one code stands for (the 16 of f16)."""
+        return 2 ** (self.num_resolutions - 1)
+
+    @property
     def latent_size(self) -> int:
         """Side of the square code grid (16 for the published f16 model at 256x256)."""
-        return self.resolution // 2 ** (self.num_resolutions - 1)
+        return self.resolution // self.downsampling
 
     @property
     def num_codes(self) -> int:

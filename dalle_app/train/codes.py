@@ -7,7 +7,13 @@ is left: a code that still flips with a cell's surroundings is noise DalleBart w
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dalle_app.models.vqgan import VQModel
 
 
 def color_groups(images: np.ndarray, side: int) -> np.ndarray:
@@ -37,3 +43,11 @@ def color_consistent_codes(images: np.ndarray, indices: np.ndarray, side: int) -
             cells = groups == g
             codes[cells] = np.bincount(codes[cells]).argmax()
     return out
+
+
+def code_encoder(module: VQModel) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """Jitted (params, images (N, H, W, C) in [0, 1]) → the codes DalleBart is trained on, (N, h*w):
+    the encoder's codes made one per color by `color_consistent_codes`."""
+    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_pixels)[0])
+    side = module.config.downsampling
+    return lambda params, images: color_consistent_codes(images, np.asarray(encode(params, jnp.asarray(images))), side)

@@ -29,7 +29,7 @@ from dalle_app.hub import GENERATION_CONFIG
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
 from dalle_app.models.weights import flatten, unflatten
-from dalle_app.train.codes import color_consistent_codes
+from dalle_app.train.codes import code_encoder
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
@@ -167,14 +167,6 @@ def with_position_table(params: Any) -> Any:
 # Dataset: rendered once, encoded with the VQGAN, tokenized like the app tokenizes prompts
 
 
-def make_code_encoder(module: VQModel):
-    @jax.jit
-    def encode(params: Any, pixels: jax.Array) -> jax.Array:
-        return module.apply({"params": params}, pixels, method=VQModel.encode_pixels)[0]
-
-    return encode
-
-
 def render_chunk(seed: int, c: int, n: int, chunk: int, split: str, word_file: Path) -> tuple[np.ndarray, list[str]]:
     """Scenes of chunk `c` of an `n`-scene dataset: uint8 images and normalized captions."""
     size = min(chunk, n - c * chunk)
@@ -188,8 +180,7 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
                   workers: int = 0) -> dict[str, np.ndarray]:
     """Render `n` scenes of `split` (in `workers` processes), encode them to codes (n, h*w) uint16,
     one code per color of an image (`color_consistent_codes`), and tokenize their captions."""
-    encode = make_code_encoder(vq_module)
-    side = vq_module.config.resolution // vq_module.config.latent_size
+    encode = code_encoder(vq_module)
     codes, ids, masks = [], [], []
     chunks = Prefetcher(partial(render_chunk, seed, n=n, chunk=chunk, split=split,
                                 word_file=captions_to_ids.word_file), workers)
@@ -200,8 +191,7 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
         for i in range(0, size, 256):
             part = pixels[i:i + 256]
             padded = np.concatenate([part, np.zeros((256 - len(part),) + part.shape[1:], np.float32)])
-            found = np.asarray(encode(vq_params, jnp.asarray(padded)))[:len(part)]
-            codes.append(color_consistent_codes(part, found, side).astype(np.uint16))
+            codes.append(encode(vq_params, padded)[:len(part)].astype(np.uint16))
         tok = captions_to_ids.tokenize_normalized(captions)
         ids.append(tok[0])
         masks.append(tok[1])

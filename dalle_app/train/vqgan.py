@@ -132,7 +132,7 @@ def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGA
 
     With a locality weight, the images and their cell mosaics (`shuffle_cells` by `order`) are one
     batch: both are reconstructed, and their vectors are tied by `locality_loss`."""
-    side = module.config.resolution // module.config.latent_size
+    side = module.config.downsampling
 
     def loss_fn(params: Any, x: jax.Array, order: jax.Array):
         n = x.shape[0]
@@ -196,7 +196,7 @@ def evaluate(module: VQModel, params: Any, seed: int, n: int) -> dict[str, float
     images = data_batch(phase_seed(seed, "vqgan-eval"), n, "heldout").images.astype(np.float32) / 255.0
     apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
     decode = jax.jit(lambda p, c: module.apply({"params": p}, c, method=VQModel.decode_codes))
-    side = module.config.resolution // module.config.latent_size
+    side = module.config.downsampling
     rec, drawn, idx = [], [], []
     for i in range(0, n, 64):
         x = images[i:i + 64]

@@ -10,15 +10,14 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dalle_app.models.vqgan import VQModel, load_vqgan, save_vqgan
-from dalle_app.train.codes import color_consistent_codes
+from dalle_app.train.codes import code_encoder
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
@@ -54,13 +53,6 @@ def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGA
     return step
 
 
-def drawn_codes(module: VQModel, params: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """Images → the codes DalleBart draws for them (host numpy, one code per color)."""
-    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_pixels)[0])
-    side = module.config.resolution // module.config.latent_size
-    return lambda x: color_consistent_codes(x, np.asarray(encode(params, jnp.asarray(x))), side)
-
-
 def finetune_decoder(out: Path, cfg: VQGANTrainConfig, seed: int = 0, deadline: float | None = None,
                      workers: int = 0) -> dict[str, Any]:
     """Fine-tune `out/vqgan/model`'s decoder; exports the whole VQGAN to `out/vqgan-decoder/model/`."""
@@ -76,12 +68,12 @@ def finetune_decoder(out: Path, cfg: VQGANTrainConfig, seed: int = 0, deadline: 
     state = start_state(folder, log, trained, tx, cfg.steps, cfg.seconds)
     train_step = make_train_step(vq.module, tx, cfg)
     images = Prefetcher(partial(images_for_step, seed + 1, n=cfg.batch_size), workers)
-    codes_of = drawn_codes(vq.module, vq.params)
+    codes_of = code_encoder(vq.module)
 
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         x = images(step)
         st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], frozen,
-                                                             jnp.asarray(x), jnp.asarray(codes_of(x)))
+                                                             jnp.asarray(x), jnp.asarray(codes_of(vq.params, x)))
         return st, metrics
 
     def export(st: dict[str, Any]) -> None:
