@@ -10,7 +10,9 @@ line, one JSON object. Figures (all in [0, 1]):
   on fresh ground-truth held-out renders; the figures below are only as good as this one.
 * ``single_object_accuracy``: one-object prompts, share of *all* generated images that show the
   asked color and shape (and size, when the prompt asks one). ``single_object_top1_accuracy``:
-  the same for the CLIP-best image of each prompt only.
+  the same for the CLIP-best image of each prompt only. ``single_object_color_shape_accuracy``:
+  color and shape right, size not judged. ``single_object_{unsized,small,large}_accuracy``:
+  ``single_object_accuracy`` split by the size the prompt asks (none, small, large).
 * ``relation_accuracy`` / ``relation_top1_accuracy``: two-object prompts, both objects present
   and in the asked relation; all images / CLIP-best image.
 * ``relation_objects_accuracy``: two-object prompts, both objects present, relation ignored.
@@ -19,6 +21,8 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
 * ``color_accuracy`` / ``shape_accuracy``: all prompts, all images, every asked color / shape
   is on some object (partial credit: where a model fails).
+* ``variety``: how different one prompt's images are from each other (``variety``'s docstring);
+  accuracy bought with a low temperature shows here as a fall.
 * ``vqgan_roundtrip_accuracy`` (``_color_`` / ``_shape_``): ground-truth held-out renders encoded
   by the model's VQGAN to the codes DalleBart is trained on (one per color of the scene) and
   decoded, judged against their own scene: the ceiling of the figures above, given the VQGAN
@@ -59,6 +63,7 @@ class Verdict:
 
     correct: bool  # satisfies the prompt (oracle.satisfies)
     objects: bool  # every asked object present (color, shape, size), relation ignored
+    pairs: bool  # every asked (color, shape) on one object, size and relation ignored
     colors: bool  # every asked color present on some object
     shapes: bool  # every asked shape present on some object
 
@@ -68,6 +73,7 @@ def verdict(image: np.ndarray, prompt: Prompt) -> Verdict:
     return Verdict(
         correct=satisfies(image, prompt),
         objects=all(any(matches(d, t) for d in found) for t in prompt.targets),
+        pairs=all(any(d.color == t.color and d.shape == t.shape for d in found) for t in prompt.targets),
         colors=all(any(d.color == t.color for d in found) for t in prompt.targets),
         shapes=all(any(d.shape == t.shape for d in found) for t in prompt.targets),
     )
@@ -197,6 +203,18 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def variety(js: list[Judged], threshold: int = 48) -> float | None:
+    """Mean over prompts of the share of pixels that differ (some channel by more than
+    ``threshold``) between two of its images, over every pair: 0 when a prompt's images are all
+    alike. Ground truth (``--generator truth``) gives the world's own variety to compare with."""
+    shares = []
+    for j in js:
+        images = [im.astype(np.int16) for im in j.images]
+        shares += [float(np.mean(np.abs(a - b).max(-1) > threshold))
+                   for i, a in enumerate(images) for b in images[i + 1:]]
+    return _mean(shares)
+
+
 def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int | None]:
     single = [j for j in judged if j.prompt.kind == "single"]
     relation = [j for j in judged if j.prompt.kind == "relation"]
@@ -213,6 +231,9 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
         "n_relation_prompts": len(relation),
         "single_object_accuracy": every(single),
         "single_object_top1_accuracy": top1(single),
+        "single_object_color_shape_accuracy": every(single, "pairs"),
+        **{f"single_object_{name}_accuracy": every([j for j in single if j.prompt.targets[0].size == size])
+           for name, size in (("unsized", None), ("small", "small"), ("large", "large"))},
         "relation_accuracy": every(relation),
         "relation_top1_accuracy": top1(relation),
         "relation_objects_accuracy": every(relation, "objects"),
@@ -221,6 +242,7 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
         "best_of_k_accuracy": _mean([any(j.correct) for j in judged]),
         "color_accuracy": every(judged, "colors"),
         "shape_accuracy": every(judged, "shapes"),
+        "variety": variety(judged),
         "n_seen_prompts": len(seen),
         "seen_accuracy": every(seen),
         "seen_top1_accuracy": top1(seen),
