@@ -204,8 +204,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def variety(js: list[Judged], threshold: int = 48) -> float | None:
-    """Mean over prompts of the share of pixels that differ (some channel by more than
-    ``threshold``) between two of its images, over every pair: 0 when a prompt's images are all
+    """Share of pixels that differ (some channel by more than ``threshold``) between two images of
+    one prompt, averaged over every such pair of every prompt: 0 when each prompt's images are all
     alike. Ground truth (``--generator truth``) gives the world's own variety to compare with."""
     shares = []
     for j in js:
