@@ -320,6 +320,60 @@ def test_decoder_positions_train_as_rows_plus_columns_and_export_as_one_table() 
         to_grid_positions(params, 7, jax.random.PRNGKey(1))
 
 
+@pytest.mark.slow
+def test_outline_finetune_starts_from_dallebart_and_export_prefers_it(tiny_run: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    from dalle_app.models.dallebart import load_dallebart
+    from dalle_app.models.weights import flatten
+    from dalle_app.train.__main__ import main
+
+    out, assets = tmp_path / "run", tmp_path / "assets"
+    shutil.copytree(tiny_run[0], out)
+    assert not (out / "dallebart-outline").exists()  # not part of `all`
+    main(["dallebart-outline", "--out", str(out), "--profile", "tiny"])
+    main(["export", "--out", str(out), "--assets", str(assets)])
+    report = json.loads((out / "dallebart-outline" / "report.json").read_text())
+    base_report = json.loads((out / "dallebart" / "report.json").read_text())
+    assert report["steps"] == 4 and report["outline_weight"] == 4.0
+    assert report["before_eval_loss"] == pytest.approx(base_report["eval_loss"], rel=1e-4)  # DalleBart's final state
+    base, tuned = load_dallebart(out / "dallebart" / "model"), load_dallebart(out / "dallebart-outline" / "model")
+    shipped = load_dallebart(assets / "dalle-embedded")
+    a, b, c = flatten(base.params), flatten(tuned.params), flatten(shipped.params)
+    assert a.keys() == b.keys() == c.keys() and tuned.config == base.config
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(b[k], c[k]) for k in b)
+
+
+def test_outline_weights_mark_codes_unlike_the_one_above_and_leave_the_reported_loss_plain() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from dalle_app.models.dallebart import DalleBart
+    from dalle_app.train.dallebart import code_weights, make_loss, model_config
+    from dalle_app.train.profiles import PROFILES
+
+    grid = np.zeros((1, 4, 4), np.int32)
+    grid[0, 1, 2] = grid[0, 2, 2] = 7  # a two-code column: it starts at row 1 and ends before row 3
+    w = np.asarray(code_weights(jnp.asarray(grid.reshape(1, 16)), 4, 4.0)).reshape(4, 4)
+    assert np.isclose(w.mean(), 1.0)
+    marked = w > w.min()
+    assert np.argwhere(marked).tolist() == [[1, 2], [3, 2]]  # the column's start and the code after its end
+    assert np.isclose(w[1, 2] / w[0, 0], 5.0)
+
+    vq = PROFILES["tiny"].vqgan_model
+    config = model_config(vq, 300, 16, d_model=32, encoder_layers=1, decoder_layers=1, heads=2)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(3, 300, (2, 16)), jnp.int32),
+             "attention_mask": jnp.ones((2, 16), jnp.int32),
+             "codes": jnp.asarray(rng.integers(0, vq.n_embed, (2, config.image_length)), jnp.int32)}
+    module = DalleBart(config)
+    params = module.init(jax.random.PRNGKey(0), batch["input_ids"], batch["attention_mask"], batch["codes"])["params"]
+    plain_loss, plain = make_loss(module)(params, batch)
+    weighted_loss, weighted = make_loss(module, 4.0)(params, batch)
+    assert float(weighted["loss"]) == float(plain["loss"]) == float(plain_loss)  # metrics stay comparable
+    assert float(weighted_loss) != float(plain_loss)
+
+
 def test_resuming_a_state_of_other_settings_says_what_to_do(tmp_path: Path) -> None:
     from dalle_app.train.common import load_state, save_state
 

@@ -1,4 +1,4 @@
-"""Train the embedded model: `python -m dalle_app.train {tokenizers,vqgan,clip,dallebart,export,all} --out runs/x`.
+"""Train the embedded model: `python -m dalle_app.train {tokenizers,vqgan,clip,dallebart,...,all} --out runs/x`.
 
 Examples:
     # everything, sized to a time budget (2 CPU cores: about 90 minutes), then copy to assets/
@@ -28,7 +28,8 @@ from dalle_app.train.profiles import PROFILES, Profile
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dalle_app.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("phase", choices=["tokenizers", "vqgan", "clip", "dallebart", "vqgan-decoder", "export", "all"])
+    p.add_argument("phase", choices=["tokenizers", "vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder",
+                                     "export", "all"])
     p.add_argument("--out", type=Path, required=True, help="run folder (states, logs, exported models)")
     p.add_argument("--assets", type=Path, default=None,
                    help="copy the trained models here as vqgan-embedded/, dalle-embedded/, clip-embedded/ "
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vqgan-steps", type=int, default=None)
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--dallebart-steps", type=int, default=None)
+    p.add_argument("--dallebart-outline-steps", type=int, default=None,
+                   help="steps of the opt-in `dallebart-outline` phase (it is not part of `all`)")
     p.add_argument("--vqgan-decoder-steps", type=int, default=None,
                    help="decoder-only VQGAN fine-tuning after DalleBart (0 skips it)")
     p.add_argument("--minutes-budget", type=float, default=None,
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     budget = None if args.minutes_budget is None else args.minutes_budget * 60.0
-    overrides = {name: phase_steps(args, name) for name in ("vqgan", "clip", "dallebart", "vqgan-decoder")}
+    overrides = {name: phase_steps(args, name)
+                 for name in ("vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder")}
     timings = pipeline.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
     timings["total"] = round(time.time() - t0, 1)
     previous = json.loads((args.out / "timings.json").read_text()) if (args.out / "timings.json").is_file() else {}

@@ -1,4 +1,5 @@
-"""The phases in order (tokenizers → VQGAN → CLIP → DalleBart → export), with budgets and timings.
+"""The phases in order (tokenizers → VQGAN → CLIP → DalleBart → VQGAN decoder → export), with budgets
+and timings; `dallebart-outline`, an opt-in DalleBart fine-tune, runs only when asked by name.
 
 Each phase reads what the earlier ones wrote under `--out` (tokenizers, `vqgan/model/`), so a
 phase can be run alone, and `all` can be re-run to resume. CLIP trains before DalleBart so a run
@@ -17,8 +18,9 @@ from dalle_app.train.profiles import Profile
 
 ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
 ORDER = ("tokenizers", "vqgan", "clip", "dallebart", "vqgan-decoder")
-# Where each asset comes from, first existing folder wins (the fine-tuned decoder over the original).
-ASSET_SOURCES = {"vqgan": ("vqgan-decoder", "vqgan"), "dallebart": ("dallebart",), "clip": ("clip",)}
+# Where each asset comes from, first existing folder wins (a fine-tuned model over the original).
+ASSET_SOURCES = {"vqgan": ("vqgan-decoder", "vqgan"), "dallebart": ("dallebart-outline", "dallebart"),
+                 "clip": ("clip",)}
 DEADLINE_SLACK = 1.15
 MAX_ASSET_BYTES = 30_000_000  # a phase sized from the budget is stopped (after saving) past this factor
 
@@ -41,6 +43,7 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
     from dalle_app.models.vqgan import load_vqgan
     from dalle_app.train.clip import train_clip
     from dalle_app.train.dallebart import train_dallebart
+    from dalle_app.train.dallebart_outline import finetune_outline
     from dalle_app.train.text import build_tokenizers
     from dalle_app.train.vqgan import train_vqgan
     from dalle_app.train.vqgan_decoder import finetune_decoder
@@ -79,6 +82,9 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
             train_dallebart(out, vq.config, vq.params, tokenizers / "dalle", profile.max_text_length,
                             _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline,
                             profile.workers)
+        elif name == "dallebart-outline":
+            finetune_outline(out, tokenizers / "dalle", profile.max_text_length,
+                             _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline)
         elif name == "vqgan-decoder":
             _require(out / "vqgan" / "model" / "flax_model.msgpack", "vqgan")
             finetune_decoder(out, _train_config(profile, name, steps.get(name), seconds, batch_size), seed, deadline,

@@ -25,6 +25,7 @@ class Profile:
     vqgan: VQGANTrainConfig
     clip: CLIPTrainConfig
     dallebart: DalleBartTrainConfig
+    dallebart_outline: DalleBartTrainConfig  # opt-in outline-weighted fine-tune of DalleBart (not in `all`)
     vqgan_decoder: VQGANTrainConfig  # decoder-only fine-tuning after DalleBart (codes unchanged)
     max_text_length: int = 24
     tokenizer_captions: int = 20_000
@@ -40,6 +41,8 @@ PROFILES: dict[str, Profile] = {
         vqgan=VQGANTrainConfig(steps=1000, batch_size=8),  # + 8 mosaics per step (locality loss)
         clip=CLIPTrainConfig(steps=1400, batch_size=96),
         dallebart=DalleBartTrainConfig(steps=3500, batch_size=32, num_samples=60_000),
+        dallebart_outline=DalleBartTrainConfig(steps=500, batch_size=32, lr=3e-4, warmup=50, outline_weight=4.0,
+                                               save_every=100),
         vqgan_decoder=VQGANTrainConfig(steps=300, batch_size=16, lr=5e-4, warmup=50),
         budget_shares=(("vqgan", 0.12), ("clip", 0.2), ("dallebart", 0.63), ("vqgan-decoder", 0.05)),
     ),
@@ -51,6 +54,8 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
+        dallebart_outline=DalleBartTrainConfig(steps=500, batch_size=256, lr=3e-4, warmup=50, outline_weight=4.0,
+                                               save_every=250, log_every=50),
         workers=12,
         tokenizer_captions=5_000,
         vqgan_decoder=VQGANTrainConfig(steps=1000, batch_size=64, lr=5e-4, warmup=100, save_every=500, log_every=100),
@@ -66,6 +71,8 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,
                                        save_every=3, log_every=3, d_model=32, encoder_layers=1, decoder_layers=1,
                                        heads=2),
+        dallebart_outline=DalleBartTrainConfig(steps=4, batch_size=8, warmup=1, outline_weight=4.0, save_every=2,
+                                               log_every=2),
         vqgan_decoder=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, save_every=3, log_every=3, eval_images=8),
         max_text_length=16,
         tokenizer_captions=500,
