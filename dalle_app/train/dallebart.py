@@ -299,6 +299,30 @@ def evaluate(module: DalleBart, params: Any, data: dict[str, np.ndarray], uncond
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+def fit(folder: Path, log: PhaseLog, module: DalleBart, params: Any, data: dict[str, np.ndarray],
+        eval_data: dict[str, np.ndarray], uncond: tuple[np.ndarray, np.ndarray], cfg: DalleBartTrainConfig,
+        seed: int, tokenizer_folder: Path, seconds: float | None, deadline: float | None,
+        phase: str = PHASE) -> dict[str, Any]:
+    """The loop every DalleBart phase shares: resumable AdamW steps on `data`'s batches (drawn from
+    `seed` and `phase`) with `cfg`'s loss, exporting `folder/model/` and logging the held-out
+    figures at every save. Returns the final state."""
+    optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
+    tx = make_optimizer(optim)
+    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
+    train_step = make_train_step(module, tx, cfg.outline_weight)
+
+    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        b = sample_batch(data, uncond, seed, step, cfg.batch_size, cfg.blank_caption_prob, phase)
+        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], b)
+        return st, metrics
+
+    def export(st: dict[str, Any]) -> None:
+        save_dallebart(folder / "model", module.config, with_position_table(st["params"]), tokenizer_folder)
+        log(int(st["step"]), **evaluate(module, st["params"], eval_data, uncond))
+
+    return run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every, seconds, deadline, export)
+
+
 def train_dallebart(
     out: Path, vq_config: VQGANConfig, vq_params: Any, tokenizer_folder: Path, max_text_length: int,
     cfg: DalleBartTrainConfig, seed: int = 0, deadline: float | None = None, workers: int = 0,
@@ -328,22 +352,8 @@ def train_dallebart(
     if cfg.grid_positions:
         params = to_grid_positions(params, vq_config.latent_size, jax.random.PRNGKey(phase_seed(seed, "dallebart-grid")))
 
-    optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
-    tx = make_optimizer(optim)
-    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
-    train_step = make_train_step(module, tx, cfg.outline_weight)
-
-    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        b = sample_batch(data, uncond, seed, step, cfg.batch_size, cfg.blank_caption_prob)
-        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], b)
-        return st, metrics
-
-    def export(st: dict[str, Any]) -> None:
-        save_dallebart(folder / "model", config, with_position_table(st["params"]), tokenizer_folder)
-        log(int(st["step"]), **evaluate(module, st["params"], eval_data, uncond))
-
-    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
-                     remaining(cfg.seconds, t0), deadline, export)
+    state = fit(folder, log, module, params, data, eval_data, uncond, cfg, seed, tokenizer_folder,
+                remaining(cfg.seconds, t0), deadline)
     report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "dataset": len(data["codes"]), "dataset_seconds": round(t_data, 1),
               "train_seconds": round(time.time() - t0, 1),

@@ -22,16 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig
-from dalle_app.train.common import OptimConfig, PhaseLog, make_optimizer, remaining, run_loop, start_state, write_json
-from dalle_app.train.dallebart import (
-    PHASE as BASE,
-    DalleBartTrainConfig,
-    evaluate,
-    make_train_step,
-    sample_batch,
-    save_dallebart,
-    with_position_table,
-)
+from dalle_app.train.common import PhaseLog, remaining, write_json
+from dalle_app.train.dallebart import PHASE as BASE
+from dalle_app.train.dallebart import DalleBartTrainConfig, evaluate, fit
 from dalle_app.train.text import CaptionEncoder
 
 PHASE = "dallebart-outline"
@@ -56,22 +49,8 @@ def finetune_outline(out: Path, tokenizer_folder: Path, max_text_length: int, cf
     params = jax.tree_util.tree_map(jnp.asarray, trained)
     before = evaluate(module, params, eval_data, uncond)
 
-    optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
-    tx = make_optimizer(optim)
-    state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
-    train_step = make_train_step(module, tx, cfg.outline_weight)
-
-    def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        b = sample_batch(data, uncond, seed, step, cfg.batch_size, cfg.blank_caption_prob, phase=PHASE)
-        st["params"], st["opt_state"], metrics = train_step(st["params"], st["opt_state"], b)
-        return st, metrics
-
-    def export(st: dict[str, Any]) -> None:
-        save_dallebart(folder / "model", config, with_position_table(st["params"]), tokenizer_folder)
-        log(int(st["step"]), **evaluate(module, st["params"], eval_data, uncond))
-
-    state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
-                     remaining(cfg.seconds, t0), deadline, export)
+    state = fit(folder, log, module, params, data, eval_data, uncond, cfg, seed, tokenizer_folder,
+                remaining(cfg.seconds, t0), deadline, phase=PHASE)
     report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "outline_weight": cfg.outline_weight, "train_seconds": round(time.time() - t0, 1),
               **{f"before_{k}": v for k, v in before.items()}, **evaluate(module, state["params"], eval_data, uncond)}
