@@ -39,8 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vqgan-steps", type=int, default=None)
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--dallebart-steps", type=int, default=None)
-    p.add_argument("--dallebart-outline-steps", type=int, default=None,
-                   help="steps of the opt-in `dallebart-outline` phase (it is not part of `all`)")
     p.add_argument("--vqgan-decoder-steps", type=int, default=None,
                    help="decoder-only VQGAN fine-tuning after DalleBart (0 skips it)")
     p.add_argument("--minutes-budget", type=float, default=None,
@@ -55,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def phase_steps(args: argparse.Namespace, phase: str) -> int | None:
-    explicit = getattr(args, f"{phase.replace('-', '_')}_steps")
+    explicit = getattr(args, f"{phase.replace('-', '_')}_steps", None)  # dallebart-outline: --steps only
     if args.phase == phase and args.steps is not None:
         return args.steps
     return explicit
