@@ -17,7 +17,7 @@ def test_harness_scores_ground_truth_as_correct():
     prompts = heldout_prompts(6) + seen_prompts(4)
     figures = evaluate(6, 2, seed=0, n_seen_prompts=4, generator=truth_generator(prompts), ground_truth_samples=40)
     assert figures["oracle_ground_truth_accuracy"] >= 0.98
-    for key in ("single_object_accuracy", "single_object_color_shape_accuracy", "relation_accuracy",
+    for key in ("single_object_accuracy", "single_object_strict_accuracy", "relation_accuracy",
                 "clip_top1_accuracy", "random_pick_accuracy", "seen_accuracy", "best_of_k_accuracy"):
         assert figures[key] == 1.0, key
     assert figures["variety"] > 0.05  # ground truth: each image placed and sized afresh
@@ -40,6 +40,24 @@ def test_harness_scores_wrong_images_as_wrong():
     assert figures["seen_accuracy"] is None
 
 
+def test_evaluation_seeds_draw_disjoint_images():
+    """Image j of a pipeline call has the sampling seed (seed + j): the evaluations at seeds 0, 1
+    and 2, held-out and training prompts alike, must not draw from overlapping seed ranges."""
+    calls = []
+
+    def recording(texts, k, seed):
+        calls.append(range(seed, seed + len(texts) * k))
+        rng = np.random.default_rng(seed)
+        return [[(render_prompt(heldout_prompts(1)[0], rng).image, 0.0)] * k for _ in texts]
+
+    for seed in (0, 1, 2):
+        evaluate(8, 16, seed=seed, n_seen_prompts=8, generator=recording, ground_truth_samples=2)
+    assert len(calls) == 6
+    for i, a in enumerate(calls):
+        for b in calls[i + 1:]:
+            assert a.stop <= b.start or b.stop <= a.start, (a, b)
+
+
 def test_single_objects_are_judged_by_size_apart_from_color_and_shape():
     """An image of the asked color and shape at the other size counts for color+shape only, and
     shows in the split by the size the prompt asked."""
@@ -60,8 +78,8 @@ def test_single_objects_are_judged_by_size_apart_from_color_and_shape():
         return images
 
     figures = summarize(judge(list(prompts.values()), wrong_size, 2, seed=0), [])
-    assert figures["single_object_accuracy"] == 0.0
-    assert figures["single_object_color_shape_accuracy"] == 1.0
+    assert figures["single_object_strict_accuracy"] == 0.0
+    assert figures["single_object_accuracy"] == 1.0  # the issue's measure: color + shape
     assert figures["single_object_small_accuracy"] == figures["single_object_large_accuracy"] == 0.0
     assert figures["single_object_unsized_accuracy"] is None
     assert figures["variety"] == 0.0  # the same image twice per prompt
@@ -122,15 +140,15 @@ def test_shipped_model_above_measured_floors():
 
 
 # Floors below the figures measured with this exact call on the shipped assets, with the sampling
-# settings their generation_config.json recommends (single object 0.90, its color+shape 0.90,
-# relation 0.90, colour 0.98, shape 0.91, random pick 0.90, CLIP's pick 1.0, prompts of training
-# combinations 0.92, VQGAN round trip 1.0, variety 0.11 against 0.15 for ground truth); a
+# settings their generation_config.json recommends (single object, color+shape 0.94, with size 0.92,
+# relation 0.85, colour 0.97, shape 0.94, random pick 0.885, CLIP's pick 0.96, prompts of training
+# combinations 0.95, VQGAN round trip 1.0, variety 0.12 against 0.15 for ground truth); a
 # regression of the model, the sampler, CLIP or the oracle drops under them (variety: a sampler
 # that draws one image over and over).
 SHIPPED_FLOORS: dict[str, float] = {
     "vqgan_roundtrip_accuracy": 0.95,
-    "single_object_accuracy": 0.75,
-    "single_object_color_shape_accuracy": 0.8,
+    "single_object_accuracy": 0.8,
+    "single_object_strict_accuracy": 0.75,
     "relation_accuracy": 0.75,
     "color_accuracy": 0.9,
     "shape_accuracy": 0.8,

@@ -321,27 +321,38 @@ def test_decoder_positions_train_as_rows_plus_columns_and_export_as_one_table() 
 
 
 @pytest.mark.slow
-def test_outline_finetune_starts_from_dallebart_and_export_prefers_it(tiny_run: tuple[Path, Path],
-                                                                      tmp_path: Path) -> None:
+def test_outline_finetunes_start_from_dallebart_and_ship_their_average(tiny_run: tuple[Path, Path]) -> None:
+    """`all` fine-tunes DalleBart's final state twice (tiny profile) on different batches and ships
+    base_share · start + the rest shared evenly by the fine-tunes."""
     from dalle_app.models.dallebart import load_dallebart
     from dalle_app.models.weights import flatten
-    from dalle_app.train.__main__ import main
 
-    out, assets = tmp_path / "run", tmp_path / "assets"
-    shutil.copytree(tiny_run[0], out)
-    assert not (out / "dallebart-outline").exists()  # not part of `all`
-    main(["dallebart-outline", "--out", str(out), "--profile", "tiny"])
-    main(["export", "--out", str(out), "--assets", str(assets)])
-    report = json.loads((out / "dallebart-outline" / "report.json").read_text())
+    out, assets = tiny_run
+    folder = out / "dallebart-outline"
+    report = json.loads((folder / "report.json").read_text())
     base_report = json.loads((out / "dallebart" / "report.json").read_text())
     assert report["steps"] == 4 and report["outline_weight"] == 4.0
+    assert report["finetunes"] == 2 and report["base_share"] == 0.5
     assert report["before_eval_loss"] == pytest.approx(base_report["eval_loss"], rel=1e-4)  # DalleBart's final state
-    base, tuned = load_dallebart(out / "dallebart" / "model"), load_dallebart(out / "dallebart-outline" / "model")
-    shipped = load_dallebart(assets / "dalle-embedded")
-    a, b, c = flatten(base.params), flatten(tuned.params), flatten(shipped.params)
-    assert a.keys() == b.keys() == c.keys() and tuned.config == base.config
-    assert any(not np.array_equal(a[k], b[k]) for k in a)
-    assert all(np.array_equal(b[k], c[k]) for k in b)
+    base = load_dallebart(out / "dallebart" / "model")
+    runs = [load_dallebart(folder / f"run{k}" / "model") for k in range(2)]
+    mixed, shipped = load_dallebart(folder / "model"), load_dallebart(assets / "dalle-embedded")
+    a, r0, r1, m, c = (flatten(x.params) for x in (base, *runs, mixed, shipped))
+    assert a.keys() == r0.keys() == m.keys() == c.keys() and mixed.config == base.config
+    assert any(not np.array_equal(a[k], r0[k]) for k in a)  # the fine-tunes moved the weights...
+    assert any(not np.array_equal(r0[k], r1[k]) for k in a)  # ...each its own way
+    for k in a:
+        np.testing.assert_allclose(m[k], 0.5 * a[k] + 0.25 * r0[k] + 0.25 * r1[k], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(m[k], c[k])  # export ships the average
+
+
+def test_weight_average_needs_shares_that_add_up_to_one() -> None:
+    from dalle_app.train.dallebart_outline import weight_average
+
+    trees = [{"w": np.array([0.0, 2.0])}, {"w": np.array([4.0, 6.0])}]
+    assert weight_average(trees, [0.25, 0.75])["w"].tolist() == [3.0, 5.0]
+    with pytest.raises(ValueError, match="add up to 1"):
+        weight_average(trees, [0.5, 0.6])
 
 
 def test_outline_weights_mark_codes_unlike_the_one_above_and_leave_the_reported_loss_plain() -> None:

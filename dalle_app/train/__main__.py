@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vqgan-steps", type=int, default=None)
     p.add_argument("--clip-steps", type=int, default=None)
     p.add_argument("--dallebart-steps", type=int, default=None)
+    p.add_argument("--dallebart-outline-steps", type=int, default=None,
+                   help="steps of each outline-weighted fine-tune after DalleBart (0 skips them)")
     p.add_argument("--vqgan-decoder-steps", type=int, default=None,
                    help="decoder-only VQGAN fine-tuning after DalleBart (0 skips it)")
     p.add_argument("--minutes-budget", type=float, default=None,
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def phase_steps(args: argparse.Namespace, phase: str) -> int | None:
-    explicit = getattr(args, f"{phase.replace('-', '_')}_steps", None)  # dallebart-outline: --steps only
+    explicit = getattr(args, f"{phase.replace('-', '_')}_steps", None)
     if args.phase == phase and args.steps is not None:
         return args.steps
     return explicit
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.phase == "all" and args.steps is not None:
         raise SystemExit("--steps applies to one phase; with `all` use --vqgan-steps/--clip-steps/--dallebart-steps/"
-                         "--vqgan-decoder-steps")
+                         "--dallebart-outline-steps/--vqgan-decoder-steps")
     if args.phase == "export" and args.assets is None:
         raise SystemExit("export needs --assets FOLDER")
     profile: Profile = PROFILES[args.profile]

@@ -107,6 +107,8 @@ class DalleBartTrainConfig:
     weight_decay: float = 0.01
     blank_caption_prob: float = 0.15
     outline_weight: float = 0.0  # extra loss weight on codes unlike the code above them (code_weights)
+    finetunes: int = 1  # dallebart-outline: fine-tunes of the same start on other batches, averaged
+    base_share: float = 0.0  # dallebart-outline: share of the starting weights in the exported average
     num_samples: int = 60_000
     eval_samples: int = 512
     save_every: int = 200

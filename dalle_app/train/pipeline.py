@@ -1,5 +1,5 @@
-"""The phases in order (tokenizers → VQGAN → CLIP → DalleBart → VQGAN decoder → export), with budgets
-and timings; `dallebart-outline`, an opt-in DalleBart fine-tune, runs only when asked by name.
+"""The phases in order (tokenizers → VQGAN → CLIP → DalleBart → its outline fine-tunes → VQGAN
+decoder → export), with budgets and timings.
 
 Each phase reads what the earlier ones wrote under `--out` (tokenizers, `vqgan/model/`), so a
 phase can be run alone, and `all` can be re-run to resume. CLIP trains before DalleBart so a run
@@ -17,7 +17,7 @@ from typing import Any
 from dalle_app.train.profiles import Profile
 
 ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
-ORDER = ("tokenizers", "vqgan", "clip", "dallebart", "vqgan-decoder")
+ORDER = ("tokenizers", "vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder")
 # Where each asset comes from, first existing folder wins (a fine-tuned model over the original).
 ASSET_SOURCES = {"vqgan": ("vqgan-decoder", "vqgan"), "dallebart": ("dallebart-outline", "dallebart"),
                  "clip": ("clip",)}
@@ -59,8 +59,8 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
         t0 = time.time()
         seconds = deadline = None
         if budget is not None and name in shares and steps.get(name) is None:
-            if name == "dallebart" and phase == "all":  # what is left but the decoder's share, less a margin
-                after = budget * shares.get("vqgan-decoder", 0.0)
+            if name == "dallebart" and phase == "all":  # what is left but the later shares, less a margin
+                after = budget * sum(shares.get(later, 0.0) for later in ORDER[ORDER.index(name) + 1:])
                 seconds = max(60.0, budget - (time.time() - t_all) - after - 60.0)
             else:  # with `all` its share; a phase run alone gets the whole budget
                 seconds = budget * shares[name] if phase == "all" else budget

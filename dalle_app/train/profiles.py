@@ -1,6 +1,6 @@
 """Model sizes, batch sizes and step counts for each kind of machine (`--profile`).
 
-- `cpu`: the shipped assets' step counts (about 125 minutes on 2 CPU cores; `--minutes-budget 90`
+- `cpu`: the shipped assets' step counts (about 155 minutes on 2 CPU cores; `--minutes-budget 90`
   scales them to 90).
 - `gpu`: one modern GPU for a few minutes: bigger models, batches and dataset.
 - `tiny`: seconds-long runs for the tests.
@@ -25,14 +25,14 @@ class Profile:
     vqgan: VQGANTrainConfig
     clip: CLIPTrainConfig
     dallebart: DalleBartTrainConfig
-    dallebart_outline: DalleBartTrainConfig  # opt-in outline-weighted fine-tune of DalleBart (not in `all`)
+    dallebart_outline: DalleBartTrainConfig  # outline-weighted fine-tunes of DalleBart, averaged (finetunes, base_share)
     vqgan_decoder: VQGANTrainConfig  # decoder-only fine-tuning after DalleBart (codes unchanged)
     max_text_length: int = 24
     tokenizer_captions: int = 20_000
     tokenizer_vocab_size: int = 512
     workers: int = 0  # processes rendering scenes ahead of the steps (0: in the training process)
     budget_shares: tuple[tuple[str, float], ...] = (
-        ("vqgan", 0.17), ("clip", 0.1), ("dallebart", 0.61), ("vqgan-decoder", 0.12))
+        ("vqgan", 0.15), ("clip", 0.1), ("dallebart", 0.53), ("dallebart-outline", 0.1), ("vqgan-decoder", 0.12))
 
 
 PROFILES: dict[str, Profile] = {
@@ -42,9 +42,10 @@ PROFILES: dict[str, Profile] = {
         clip=CLIPTrainConfig(steps=1400, batch_size=96),
         dallebart=DalleBartTrainConfig(steps=3500, batch_size=32, num_samples=60_000),
         dallebart_outline=DalleBartTrainConfig(steps=500, batch_size=32, lr=3e-4, warmup=50, outline_weight=4.0,
-                                               save_every=100),
+                                               finetunes=3, base_share=0.5, save_every=100),
         vqgan_decoder=VQGANTrainConfig(steps=300, batch_size=16, lr=5e-4, warmup=50),
-        budget_shares=(("vqgan", 0.12), ("clip", 0.2), ("dallebart", 0.63), ("vqgan-decoder", 0.05)),
+        budget_shares=(("vqgan", 0.1), ("clip", 0.17), ("dallebart", 0.53), ("dallebart-outline", 0.15),
+                       ("vqgan-decoder", 0.05)),
     ),
     "gpu": Profile(
         vqgan_model=VQGANConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
@@ -55,11 +56,12 @@ PROFILES: dict[str, Profile] = {
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
         dallebart_outline=DalleBartTrainConfig(steps=500, batch_size=256, lr=3e-4, warmup=50, outline_weight=4.0,
-                                               save_every=250, log_every=50),
+                                               finetunes=3, base_share=0.5, save_every=250, log_every=50),
         workers=12,
         tokenizer_captions=5_000,
         vqgan_decoder=VQGANTrainConfig(steps=1000, batch_size=64, lr=5e-4, warmup=100, save_every=500, log_every=100),
-        budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.6), ("vqgan-decoder", 0.1)),
+        budget_shares=(("vqgan", 0.2), ("clip", 0.1), ("dallebart", 0.5), ("dallebart-outline", 0.1),
+                       ("vqgan-decoder", 0.1)),
     ),
     "tiny": Profile(
         vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(), resolution=64,
@@ -71,8 +73,8 @@ PROFILES: dict[str, Profile] = {
         dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,
                                        save_every=3, log_every=3, d_model=32, encoder_layers=1, decoder_layers=1,
                                        heads=2),
-        dallebart_outline=DalleBartTrainConfig(steps=4, batch_size=8, warmup=1, outline_weight=4.0, save_every=2,
-                                               log_every=2),
+        dallebart_outline=DalleBartTrainConfig(steps=4, batch_size=8, warmup=1, outline_weight=4.0, finetunes=2,
+                                               base_share=0.5, save_every=2, log_every=2),
         vqgan_decoder=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, save_every=3, log_every=3, eval_images=8),
         max_text_length=16,
         tokenizer_captions=500,
