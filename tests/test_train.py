@@ -180,6 +180,30 @@ def test_wrong_captions_contradict_the_scene() -> None:
             assert first == 1 or s.relation not in wrong, (s.caption, wrong)
 
 
+def test_near_miss_images_contradict_their_caption_and_stay_in_training() -> None:
+    """The oracle finds the caption's scene false on each near miss (the size only counts when the
+    caption names it, the relation only when it has a relation word), and no held-out pair."""
+    from dalle_app.data import Prompt, Target, is_heldout_pair, sample
+    from dalle_app.data.captions import SIZE_WORDS
+    from dalle_app.oracle import detect, matches, satisfies
+    from dalle_app.train.clip import near_miss
+
+    rng = np.random.default_rng(0)
+    sizes = {w for options in SIZE_WORDS.values() for w in options}
+    for _ in range(150):
+        s = sample(rng, "train")
+        words = s.caption.split()
+        named = [o.size if sizes & set(words) and s.relation is None else None for o in s.objects]
+        targets = [Target(o.color, o.shape, z) for o, z in zip(s.objects, named)]
+        image = near_miss(s, rng)
+        if "and" in words:  # "a red square and a blue circle": both objects, anywhere
+            assert not all(any(matches(d, t) for d in detect(image)) for t in targets), s.caption
+        else:
+            told = Prompt(s.caption, targets, s.relation, "single" if s.relation is None else "relation")
+            assert not satisfies(image, told), s.caption
+        assert not any(is_heldout_pair(d.color, d.shape) for d in detect(image) if d.shape), s.caption
+
+
 def test_object_weights_mark_the_drawn_shapes() -> None:
     import jax.numpy as jnp
 

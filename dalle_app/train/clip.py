@@ -1,11 +1,15 @@
-"""CLIP training: contrastive on (image, caption) pairs, with one hard negative caption per image.
+"""CLIP training: contrastive on (image, caption) pairs, with hard negatives on both sides.
 
 CLIP's job in the app is to rank images generated for *one* prompt, so what it must tell apart
 is "a red square above a blue circle" from the same objects the other way round, or a red square
 from an orange one. Plain in-batch negatives rarely test that, so every image also gets a caption
 that is wrong in exactly one way (objects swapped for two-object scenes; another color or shape
-for one-object scenes), added as an extra text in the image→text softmax. Captions equal to the
-positive (the generator repeats some) share the target mass instead of counting as negatives.
+for one-object scenes), added as an extra text in the image→text softmax. And every caption gets
+a near-miss image, its scene wrong in one way (`near_miss`: another shape, the asked size
+changed, the relation reversed), added as an extra image in the text→image softmax: that is the
+choice the app's ranking makes, between images of one prompt that differ in a detail. Captions
+equal to the positive (the generator repeats some) share the target mass instead of counting as
+negatives. Near misses keep to training combinations: CLIP never sees a held-out pair or triple.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dalle_app.data import COLORS, SHAPES, ObjectSpec, Sample
+from dalle_app.data import COLORS, SHAPES, SIZES, ObjectSpec, Prompt, Sample, Target, is_heldout_scene, render_prompt
 from dalle_app.data import batch as data_batch
 from dalle_app.data import captions as caption_text
+from dalle_app.data.captions import SIZE_WORDS
+from dalle_app.data.world import INVERSE
 from dalle_app.models.clip import (
     CLIPConfig,
     CLIPModule,
@@ -100,33 +106,66 @@ def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
     return caption_text.single_caption(other, rng)
 
 
-def render_batch(seed: int, step: int, n: int, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """Step `step`'s scenes: images, their captions and one wrong caption each."""
+def near_miss(sample: Sample, rng: np.random.Generator) -> np.ndarray:
+    """A fresh render of a training sample's scene, wrong in one respect its caption states:
+    another shape for one object, the other size when the caption names a size (one object), or
+    the relation reversed when the caption names one (two objects). Only training combinations
+    are drawn."""
+    words = sample.caption.split()
+    sized = any(word in words for options in SIZE_WORDS.values() for word in options)
+    targets = [Target(o.color, o.shape, o.size) for o in sample.objects]
+    while True:
+        changed, relation = list(targets), sample.relation
+        choice = rng.random()
+        if relation is not None and "and" not in words and choice < 0.5:
+            relation = INVERSE[relation]
+        elif relation is None and sized and choice < 1 / 3:
+            t = targets[0]
+            changed[0] = Target(t.color, t.shape, next(size for size in SIZES if size != t.size))
+        else:
+            i = int(rng.integers(len(targets)))
+            changed[i] = Target(targets[i].color, str(rng.choice([s for s in SHAPES if s != targets[i].shape])),
+                                targets[i].size)
+        if not is_heldout_scene([ObjectSpec(t.color, t.shape, t.size, (0, 0)) for t in changed], relation):
+            break
+    prompt = Prompt("", changed, relation, "single" if relation is None else "relation")
+    return render_prompt(prompt, rng).image
+
+
+def render_batch(seed: int, step: int, n: int, split: str) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+    """Step `step`'s scenes: images, their captions, one wrong caption each and one near-miss image each."""
     b = data_batch(phase_seed(seed, f"{PHASE}-{split}", step), n, split)
     rng = np.random.default_rng(phase_seed(seed, f"{PHASE}-negatives-{split}", step))
-    return b.images, list(b.captions), [wrong_caption(s, rng) for s in b.samples]
+    wrong = [wrong_caption(s, rng) for s in b.samples]
+    misses = np.stack([near_miss(s, rng) for s in b.samples]) if split == "train" else b.images[:0]
+    return b.images, list(b.captions), wrong, misses
 
 
-def model_inputs(rendered: tuple[np.ndarray, list[str], list[str]], preprocess: CLIPImagePreprocessor,
+def model_inputs(rendered: tuple[np.ndarray, list[str], list[str], np.ndarray], preprocess: CLIPImagePreprocessor,
                  tokenize) -> dict[str, Any]:
-    """Images preprocessed exactly as the app does, positive then wrong captions tokenized."""
-    images, captions, negatives = rendered
+    """Images then near misses preprocessed exactly as the app does, positive then wrong captions tokenized."""
+    images, captions, negatives, misses = rendered
     ids, mask = tokenize(captions + negatives)
     same = np.array([[x == y for y in captions] for x in captions], np.float32)
-    return {"pixels": jnp.asarray(preprocess(images)), "input_ids": jnp.asarray(ids),
+    return {"pixels": jnp.asarray(preprocess(np.concatenate([images, misses]))), "input_ids": jnp.asarray(ids),
             "attention_mask": jnp.asarray(mask), "same": jnp.asarray(same)}
 
 
 def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Symmetric soft-target contrastive loss; image→text includes the wrong captions as negatives."""
-    image, text, scale = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"])
-    n = image.shape[0]
+    """Symmetric soft-target contrastive loss; image→text includes the wrong captions as negatives,
+    text→image the near-miss images (the pixels after the first n, when the batch has them)."""
+    images, text, scale = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                       batch["pixels"])
+    n = batch["same"].shape[0]
+    image, misses = images[:n], images[n:]
     scale = jnp.minimum(scale, MAX_LOGIT_SCALE)
     targets = batch["same"] / batch["same"].sum(axis=1, keepdims=True)
     per_image = logits_from_embeds(image, text, scale)  # (n, 2n): positives then wrong captions
     image_targets = jnp.concatenate([targets, jnp.zeros_like(targets)], axis=1)
     loss_i = optax.softmax_cross_entropy(per_image, image_targets).mean()
-    loss_t = optax.softmax_cross_entropy(per_image[:, :n].T, targets.T / targets.T.sum(1, keepdims=True)).mean()
+    per_text = logits_from_embeds(text[:n], images, scale)  # (n, n + misses): positives then near misses
+    text_targets = jnp.concatenate([targets.T, jnp.zeros((n, misses.shape[0]))], axis=1)
+    loss_t = optax.softmax_cross_entropy(per_text, text_targets / text_targets.sum(1, keepdims=True)).mean()
     diag = jnp.diagonal(per_image[:, :n])
     metrics = {
         "loss": (loss_i + loss_t) / 2,
@@ -134,6 +173,8 @@ def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any]) -> 
         "beats_wrong_caption": jnp.mean(diag > jnp.diagonal(per_image[:, n:])),
         "logit_scale": jnp.exp(scale),
     }
+    if misses.shape[0]:
+        metrics["beats_near_miss"] = jnp.mean(diag > jnp.diagonal(per_text[:, n:]))
     return metrics["loss"], metrics
 
 
