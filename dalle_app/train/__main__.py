@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def phase_steps(args: argparse.Namespace, phase: str) -> int | None:
-    explicit = getattr(args, f"{phase.replace('-', '_')}_steps", None)
+    explicit = getattr(args, f"{phase.replace('-', '_')}_steps")
     if args.phase == phase and args.steps is not None:
         return args.steps
     return explicit

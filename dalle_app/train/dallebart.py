@@ -204,11 +204,16 @@ def encode_scenes(vq_module: VQModel, vq_params: Any, captions_to_ids: CaptionEn
     return {"codes": np.concatenate(codes), "input_ids": np.concatenate(ids), "attention_mask": np.concatenate(masks)}
 
 
+def load_dataset(path: Path) -> dict[str, np.ndarray]:
+    """A dataset cached by `load_or_build_dataset` (codes, input_ids, attention_mask)."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
 def load_or_build_dataset(path: Path, build) -> dict[str, np.ndarray]:
     """Cache a dataset as .npz so a resumed run does not render and encode it again."""
     if path.is_file():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        return load_dataset(path)
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")

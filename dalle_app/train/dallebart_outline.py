@@ -30,7 +30,14 @@ import numpy as np
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig
 from dalle_app.train.common import PhaseLog, remaining, write_json
 from dalle_app.train.dallebart import PHASE as BASE
-from dalle_app.train.dallebart import DalleBartTrainConfig, evaluate, fit, save_dallebart, with_position_table
+from dalle_app.train.dallebart import (
+    DalleBartTrainConfig,
+    evaluate,
+    fit,
+    load_dataset,
+    save_dallebart,
+    with_position_table,
+)
 from dalle_app.train.text import CaptionEncoder
 
 PHASE = "dallebart-outline"
@@ -61,7 +68,7 @@ def finetune_outline(out: Path, tokenizer_folder: Path, max_text_length: int, cf
     module = DalleBart(config)
     captions_to_ids = CaptionEncoder(tokenizer_folder, max_text_length)
     uncond = captions_to_ids.unconditional()
-    data, eval_data = (_arrays(base / name) for name in ("train_codes.npz", "heldout_codes.npz"))
+    data, eval_data = (load_dataset(base / name) for name in ("train_codes.npz", "heldout_codes.npz"))
     trained = flax.serialization.msgpack_restore((base / "state.msgpack").read_bytes())["params"]
     start = jax.tree_util.tree_map(jnp.asarray, trained)
     before = evaluate(module, start, eval_data, uncond)
@@ -87,8 +94,3 @@ def finetune_outline(out: Path, tokenizer_folder: Path, max_text_length: int, cf
     log(int(state["step"]), **report)
     write_json(folder / "report.json", report)
     return report
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
