@@ -204,6 +204,49 @@ def test_near_miss_images_contradict_their_caption_and_stay_in_training() -> Non
         assert not any(is_heldout_pair(d.color, d.shape) for d in detect(image) if d.shape), s.caption
 
 
+def test_analogy_quadruples_cross_two_colours_with_two_shapes_of_training_pairs() -> None:
+    """Each quadruple is (c1 s1, c1 s2, c2 s1, c2 s2) of training pairs, one size at one place on
+    one background: the four differ in colour and shape only."""
+    from dalle_app.data import is_heldout_pair
+    from dalle_app.oracle import detect
+    from dalle_app.train.clip import analogy_quads
+
+    quads = analogy_quads(12, np.random.default_rng(0))
+    assert quads.shape == (48, 64, 64, 3)
+    for four in quads.reshape(12, 4, 64, 64, 3):
+        found = [detect(image) for image in four]
+        assert all(len(f) == 1 for f in found)
+        (a, b, c, d) = (f[0] for f in found)
+        assert a.color == b.color != c.color == d.color and a.shape == c.shape != b.shape == d.shape
+        assert len({(o.size, o.center) for o in (a, b, c, d)}) == 1
+        assert not any(is_heldout_pair(o.color, o.shape) for o in (a, b, c, d))
+        background = (four == four[0]).all(axis=(0, -1)) & (four[0] == four[3]).all(axis=-1)
+        assert background.mean() > 0.6  # everywhere but the objects, the same pixels
+
+
+def test_analogy_loss_adds_the_parallelogram_residual_of_the_quadruples() -> None:
+    import jax
+
+    from dalle_app.models.clip import build_clip, init_params
+    from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_tokenizer
+    from dalle_app.train.clip import loss_and_metrics, model_config, model_inputs, render_batch
+
+    tokenizer = load_clip_tokenizer(Path("assets/clip-embedded"), 32)
+    module = build_clip(model_config(tokenizer.vocab_size, width=32, layers=1))
+    params = init_params(module, jax.random.PRNGKey(0))
+    preprocess = CLIPImagePreprocessor.for_image_size(64)
+    batch = model_inputs(render_batch(0, 0, 6, "train", analogies=3), preprocess, tokenizer)
+    assert batch["pixels"].shape[0] == 6 + 6 + 12
+    plain, _ = loss_and_metrics(module, params, batch)
+    weighted, metrics = loss_and_metrics(module, params, batch, analogy_weight=1e4)  # fresh weights: a tiny residual
+    quads = np.asarray(module.apply({"params": params}, batch["pixels"][12:], method=module.image_embeds))
+    residual = quads[0::4] - quads[1::4] - quads[2::4] + quads[3::4]
+    assert np.isclose(float(metrics["analogy_residual"]), np.mean(np.sum(residual**2, -1)), rtol=1e-4)
+    assert float(metrics["analogy_residual"]) > 0
+    assert np.isclose(float(weighted - plain), 1e4 * float(metrics["analogy_residual"]), rtol=1e-3)
+    assert float(metrics["loss"]) == pytest.approx(float(plain))  # the reported loss stays the contrastive one
+
+
 def test_object_weights_mark_the_drawn_shapes() -> None:
     import jax.numpy as jnp
 

@@ -29,7 +29,8 @@ from dalle_app.data import COLORS, SHAPES, SIZES, ObjectSpec, Prompt, Sample, Ta
 from dalle_app.data import batch as data_batch
 from dalle_app.data import captions as caption_text
 from dalle_app.data.captions import SIZE_WORDS
-from dalle_app.data.world import INVERSE
+from dalle_app.data.shapes import render
+from dalle_app.data.world import CELL, GRID, INVERSE, PLACE, training_pairs
 from dalle_app.models.clip import (
     CLIPConfig,
     CLIPModule,
@@ -86,6 +87,8 @@ class CLIPTrainConfig:
     width: int = 128
     layers: int = 3
     eval_images: int = 256
+    analogies: int = 0  # colour/shape quadruples per step (`analogy_quads`)
+    analogy_weight: float = 1.0  # weight of their parallelogram loss
 
 
 def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
@@ -132,31 +135,67 @@ def near_miss(sample: Sample, rng: np.random.Generator) -> np.ndarray:
     return render_prompt(prompt, rng).image
 
 
-def render_batch(seed: int, step: int, n: int, split: str) -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
-    """Step `step`'s scenes: images, their captions, one wrong caption each and one near-miss image each."""
+def analogy_quads(n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` quadruples of one-object images (4n, H, W, 3): colours c1, c2 × shapes s1, s2, all four
+    training pairs, ordered (c1 s1, c1 s2, c2 s1, c2 s2), one size, place and background each.
+
+    CLIP's image tower only ever sees the training pairs; when its embedding is a sum of a colour
+    part and a shape part, an unseen pair lands where its caption points. The parallelogram loss on
+    these quadruples (`analogy_residual`) asks for that sum.
+    """
+    pairs = set(training_pairs())
+    out = []
+    while len(out) < 4 * n:
+        c1, c2 = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
+        s1, s2 = (str(x) for x in rng.choice(list(SHAPES), 2, replace=False))
+        if not {(c1, s1), (c1, s2), (c2, s1), (c2, s2)} <= pairs:
+            continue
+        size = str(rng.choice(list(SIZES)))
+        side = SIZES[size]
+        x, y = (int(v) for v in rng.choice(np.arange(0, GRID - side // CELL + 1, PLACE), 2))
+        center = (CELL * x + side / 2, CELL * y + side / 2)
+        state = rng.bit_generator.state
+        for c, shape in ((c1, s1), (c1, s2), (c2, s1), (c2, s2)):
+            r = np.random.default_rng()
+            r.bit_generator.state = state
+            out.append(render([ObjectSpec(c, shape, size, center)], [side], r))
+        rng.random()
+    return np.stack(out)
+
+
+def render_batch(seed: int, step: int, n: int, split: str,
+                 analogies: int = 0) -> tuple[np.ndarray, list[str], list[str], np.ndarray, np.ndarray]:
+    """Step `step`'s scenes: images, their captions, one wrong caption each, one near-miss image
+    each and `analogies` quadruples (training split only)."""
     b = data_batch(phase_seed(seed, f"{PHASE}-{split}", step), n, split)
     rng = np.random.default_rng(phase_seed(seed, f"{PHASE}-negatives-{split}", step))
     wrong = [wrong_caption(s, rng) for s in b.samples]
     misses = np.stack([near_miss(s, rng) for s in b.samples]) if split == "train" else b.images[:0]
-    return b.images, list(b.captions), wrong, misses
+    quads = analogy_quads(analogies, rng) if split == "train" and analogies else b.images[:0]
+    return b.images, list(b.captions), wrong, misses, quads
 
 
-def model_inputs(rendered: tuple[np.ndarray, list[str], list[str], np.ndarray], preprocess: CLIPImagePreprocessor,
-                 tokenize) -> dict[str, Any]:
-    """Images then near misses preprocessed exactly as the app does, positive then wrong captions tokenized."""
-    images, captions, negatives, misses = rendered
+def model_inputs(rendered: tuple[np.ndarray, list[str], list[str], np.ndarray, np.ndarray],
+                 preprocess: CLIPImagePreprocessor, tokenize) -> dict[str, Any]:
+    """Images, near misses then quadruples preprocessed exactly as the app does, positive then
+    wrong captions tokenized."""
+    images, captions, negatives, misses, quads = rendered
     ids, mask = tokenize(captions + negatives)
     same = np.array([[x == y for y in captions] for x in captions], np.float32)
-    return {"pixels": jnp.asarray(preprocess(np.concatenate([images, misses]))), "input_ids": jnp.asarray(ids),
-            "attention_mask": jnp.asarray(mask), "same": jnp.asarray(same)}
+    return {"pixels": jnp.asarray(preprocess(np.concatenate([images, misses, quads]))), "input_ids": jnp.asarray(ids),
+            "attention_mask": jnp.asarray(mask), "same": jnp.asarray(same),
+            "quads": jnp.zeros((len(quads) // 4, 0))}  # only its length is read: how many quadruples
 
 
-def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any],
+                     analogy_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric soft-target contrastive loss; image→text includes the wrong captions as negatives,
-    text→image the near-miss images (the pixels after the first n, when the batch has them)."""
+    text→image the near-miss images (the pixels after the first n, when the batch has them); plus
+    `analogy_weight` × the quadruples' parallelogram residual (the last 4q pixels)."""
     images, text, scale = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                                        batch["pixels"])
-    n = batch["same"].shape[0]
+    n, q = batch["same"].shape[0], batch["quads"].shape[0]
+    images, quads = images[:images.shape[0] - 4 * q], images[images.shape[0] - 4 * q:].reshape(q, 4, images.shape[-1])
     image, misses = images[:n], images[n:]
     scale = jnp.minimum(scale, MAX_LOGIT_SCALE)
     targets = batch["same"] / batch["same"].sum(axis=1, keepdims=True)
@@ -175,13 +214,19 @@ def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any]) -> 
     }
     if misses.shape[0]:
         metrics["beats_near_miss"] = jnp.mean(diag > jnp.diagonal(per_text[:, n:]))
-    return metrics["loss"], metrics
+    loss = metrics["loss"]
+    if q:
+        residual = quads[:, 0] - quads[:, 1] - quads[:, 2] + quads[:, 3]
+        metrics["analogy_residual"] = jnp.mean(jnp.sum(residual ** 2, axis=-1))
+        loss = loss + analogy_weight * metrics["analogy_residual"]
+    return loss, metrics
 
 
-def make_train_step(module: CLIPModule, tx: optax.GradientTransformation):
+def make_train_step(module: CLIPModule, tx: optax.GradientTransformation, analogy_weight: float = 0.0):
     @jax.jit
     def step(params: Any, opt_state: Any, batch: dict[str, Any]):
-        (_, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(module, p, batch), has_aux=True)(params)
+        (_, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(module, p, batch, analogy_weight),
+                                                 has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
@@ -204,12 +249,13 @@ def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: in
     params = init_params(module, jax.random.PRNGKey(phase_seed(seed, "clip-init")))
     log(0, parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params))))
 
-    scenes = Prefetcher(partial(render_batch, seed, n=cfg.batch_size, split="train"), workers)
+    scenes = Prefetcher(partial(render_batch, seed, n=cfg.batch_size, split="train",
+                                 analogies=cfg.analogies), workers)
 
     optim = OptimConfig(cfg.lr, cfg.warmup, cfg.weight_decay)
     tx = make_optimizer(optim)
     state = start_state(folder, log, params, tx, cfg.steps, cfg.seconds)
-    train_step = make_train_step(module, tx)
+    train_step = make_train_step(module, tx, cfg.analogy_weight)
 
     def step_fn(st: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         batch = model_inputs(scenes(step), preprocess, tokenizer)

@@ -39,7 +39,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         vqgan_model=default_model_config(),
         vqgan=VQGANTrainConfig(steps=1000, batch_size=8),  # + 8 mosaics per step (locality loss)
-        clip=CLIPTrainConfig(steps=2000, batch_size=96),
+        clip=CLIPTrainConfig(steps=2000, batch_size=96, analogies=8),
         dallebart=DalleBartTrainConfig(steps=3500, batch_size=32, num_samples=60_000),
         dallebart_outline=DalleBartTrainConfig(steps=500, batch_size=32, lr=3e-4, warmup=50, outline_weight=4.0,
                                                finetunes=3, base_share=0.5, save_every=100),
@@ -51,7 +51,8 @@ PROFILES: dict[str, Profile] = {
         vqgan_model=VQGANConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=64,
                                 z_channels=32, n_embed=64, embed_dim=16),  # f4, like the cpu one
         vqgan=VQGANTrainConfig(steps=3000, batch_size=64, lr=1e-3, restart_every=100, save_every=500, log_every=100),
-        clip=CLIPTrainConfig(steps=1500, batch_size=256, width=128, layers=4, save_every=500, log_every=100),
+        clip=CLIPTrainConfig(steps=1500, batch_size=256, width=128, layers=4, analogies=16, save_every=500,
+                             log_every=100),
         dallebart=DalleBartTrainConfig(steps=6000, batch_size=256, lr=1e-3, warmup=300, num_samples=200_000,
                                        save_every=1000, log_every=100, d_model=256, encoder_layers=3,
                                        decoder_layers=4, heads=8),
@@ -69,7 +70,7 @@ PROFILES: dict[str, Profile] = {
         vqgan=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, init_codebook_at=1, restart_every=2, save_every=3,
                                log_every=3, eval_images=8),
         clip=CLIPTrainConfig(steps=6, batch_size=8, warmup=2, save_every=3, log_every=3, width=32, layers=1,
-                             eval_images=8),
+                             eval_images=8, analogies=2),
         dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,
                                        save_every=3, log_every=3, d_model=32, encoder_layers=1, decoder_layers=1,
                                        heads=2),
