@@ -10,6 +10,13 @@ changed, the relation reversed), added as an extra image in the text→image sof
 choice the app's ranking makes, between images of one prompt that differ in a detail. Captions
 equal to the positive (the generator repeats some) share the target mass instead of counting as
 negatives. Near misses keep to training combinations: CLIP never sees a held-out pair or triple.
+
+That leaves held-out pairs to the image tower's way of combining colour and shape: trained on
+pairs alone, it can put an unseen "red diamond" next to red circles, where no caption of a
+diamond points. So each step also renders quadruples of training pairs that cross two colours
+with two shapes on one background (`analogy_quads`), and asks their embeddings to form a
+parallelogram, red star − red circle = green star − green circle: colour and shape then add up,
+and so they do for pairs the tower never saw.
 """
 
 from __future__ import annotations
