@@ -227,11 +227,12 @@ def test_analogy_quadruples_cross_two_colours_with_two_shapes_of_training_pairs(
 def test_analogy_loss_adds_the_parallelogram_residual_of_the_quadruples() -> None:
     import jax
 
+    from dalle_app.hub import EMBEDDED_FOLDERS
     from dalle_app.models.clip import build_clip, init_params
     from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_tokenizer
     from dalle_app.train.clip import loss_and_metrics, model_config, model_inputs, render_batch
 
-    tokenizer = load_clip_tokenizer(Path("assets/clip-embedded"), 32)
+    tokenizer = load_clip_tokenizer(EMBEDDED_FOLDERS["clip"], 32)
     module = build_clip(model_config(tokenizer.vocab_size, width=32, layers=1))
     params = init_params(module, jax.random.PRNGKey(0))
     preprocess = CLIPImagePreprocessor.for_image_size(64)
