@@ -20,6 +20,12 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``clip_top1_accuracy``: all prompts, the CLIP-best image is correct.
 * ``random_pick_accuracy``: all prompts, mean over every image (what a random pick gets).
 * ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
+* ``clip_pick_gain`` / ``clip_pick_gain_stderr``: per prompt, CLIP's pick (1 or 0) less the share
+  of its images that are right, averaged, and that mean's standard error: how far CLIP's pick is
+  above a random one, and whether the gap is more than noise (gain over twice its error).
+* ``clip_ordering_accuracy``: over every prompt's (right image, wrong image) pairs, the share
+  CLIP ranks right first (the area under its ROC curve, per prompt, pooled). A pick is one
+  maximum over the batch and moves a lot between seeds; the ordering moves much less.
 * ``color_accuracy`` / ``shape_accuracy``: all prompts, all images, every asked color / shape
   is on some object (partial credit: where a model fails).
 * ``variety``: how different one prompt's images are from each other (``variety``'s docstring);
@@ -31,6 +37,9 @@ line, one JSON object. Figures (all in [0, 1]):
 * ``seen_accuracy`` (``_top1_``, ``_color_``, ``_shape_``): the same judgements on
   ``--n-seen-prompts`` prompts built from combinations training does show (how well the model
   learned its world at all).
+
+``--seed`` takes several seeds: their prompts are pooled into one set of figures (the
+ground-truth figures are their mean).
 
 ``--generator truth`` swaps the model for ground-truth renders with random scores: a check of the
 harness itself (accuracies near 1, CLIP-top-1 equal to random pick), needing no model.
@@ -227,6 +236,22 @@ def variety(js: list[Judged], threshold: int = 48) -> float | None:
     return _mean(shares)
 
 
+def clip_ranking(judged: list[Judged]) -> dict[str, float | None]:
+    """CLIP's pick against a random one, per prompt, and how often it ranks a right image above a
+    wrong one (the module docstring's ``clip_pick_gain`` and ``clip_ordering_accuracy``)."""
+    gains = [float(j.correct[0]) - float(np.mean(j.correct)) for j in judged]
+    ordered = pairs = 0
+    for j in judged:
+        wrong_after = np.cumsum([not ok for ok in j.correct][::-1])[::-1]  # wrong images at or below each rank
+        ordered += int(sum(w for ok, w in zip(j.correct, wrong_after) if ok))
+        pairs += sum(j.correct) * (len(j.correct) - sum(j.correct))
+    return {
+        "clip_pick_gain": _mean(gains),
+        "clip_pick_gain_stderr": float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None,
+        "clip_ordering_accuracy": ordered / pairs if pairs else None,
+    }
+
+
 def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int | None]:
     single = [j for j in judged if j.prompt.kind == "single"]
     relation = [j for j in judged if j.prompt.kind == "relation"]
@@ -252,6 +277,7 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
         "clip_top1_accuracy": top1(judged),
         "random_pick_accuracy": every(judged),
         "best_of_k_accuracy": _mean([any(j.correct) for j in judged]),
+        **clip_ranking(judged),
         "color_accuracy": every(judged, "colors"),
         "shape_accuracy": every(judged, "shapes"),
         "variety": variety(judged),
@@ -266,31 +292,39 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
 def evaluate(
     n_prompts: int = 48,
     images_per_prompt: int = 16,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     n_seen_prompts: int = 16,
     generator: Generator | None = None,
     ground_truth_samples: int = GROUND_TRUTH_SAMPLES,
     grid_path: str | None = None,
-) -> dict[str, float | int | None]:
-    """All figures of the module docstring; ``generator`` None means the shipped model.
+) -> dict[str, float | int | list[int] | None]:
+    """All figures of the module docstring; ``generator`` None means the shipped model. Several
+    seeds pool their prompts into one set of figures.
 
     ``grid_path``: also save the held-out prompts' images there as a PNG grid (see save_grid).
     """
     started = time.perf_counter()
-    prompts = heldout_prompts(n_prompts, seed=seed)
-    seen = seen_prompts(n_seen_prompts, seed=seed)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
     generate = generator if generator is not None else PipelineGenerator()
-    judged = judge(prompts, generate, images_per_prompt, sampling_seed(seed, "heldout")) if prompts else []
-    seen_judged = judge(seen, generate, images_per_prompt, sampling_seed(seed, "seen")) if seen else []
+    judged: list[Judged] = []
+    seen_judged: list[Judged] = []
+    truth: list[dict[str, float]] = []
+    for s in seeds:
+        prompts, seen = heldout_prompts(n_prompts, seed=s), seen_prompts(n_seen_prompts, seed=s)
+        judged += judge(prompts, generate, images_per_prompt, sampling_seed(s, "heldout")) if prompts else []
+        seen_judged += judge(seen, generate, images_per_prompt, sampling_seed(s, "seen")) if seen else []
+        truth.append({
+            "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, s),
+            **(roundtrip_figures(generate.roundtrip, ground_truth_samples, s)
+               if isinstance(generate, PipelineGenerator) else {}),
+        })
     if grid_path and judged:
         save_grid(judged, grid_path)
     figures = {
-        "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, seed),
-        **(roundtrip_figures(generate.roundtrip, ground_truth_samples, seed)
-           if isinstance(generate, PipelineGenerator) else {}),
+        **{key: float(np.mean([t[key] for t in truth])) for key in truth[0]},
         **summarize(judged, seen_judged),
         "images_per_prompt": images_per_prompt,
-        "seed": seed,
+        "seed": seeds[0] if len(seeds) == 1 else seeds,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return figures
@@ -333,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images generated per prompt (16: 384 one-object images, which move by ~0.02 "
                              "between seeds)")
     parser.add_argument("--n-seen-prompts", type=int, default=16, help="prompts of training combinations")
-    parser.add_argument("--seed", type=int, default=0, help="fixes the prompts' order and the sampling")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="fixes the prompts' order and the sampling; several seeds pool their prompts")
     parser.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the pipeline's)")
     parser.add_argument("--top-p", type=float, default=None, help="sampling top-p (default: the pipeline's)")
     parser.add_argument("--cond-scale", type=float, default=None, help="super-conditioning scale (default: the pipeline's)")
@@ -351,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     if args.generator == "truth":
-        generator = truth_generator(heldout_prompts(args.n_prompts, args.seed) + seen_prompts(args.n_seen_prompts, args.seed))
+        generator = truth_generator([p for s in args.seed
+                                     for p in heldout_prompts(args.n_prompts, s) + seen_prompts(args.n_seen_prompts, s)])
     else:
         asked = (("top_k", args.top_k), ("top_p", args.top_p), ("cond_scale", args.cond_scale),
                  ("temperature", args.temperature))

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from dalle_app.data import heldout_prompts, render_prompt
-from dalle_app.evaluate import evaluate, main, roundtrip_figures, seen_prompts, truth_generator
+from dalle_app.evaluate import (
+    Judged,
+    Verdict,
+    clip_ranking,
+    evaluate,
+    main,
+    roundtrip_figures,
+    seen_prompts,
+    truth_generator,
+)
 from dalle_app.hub import EMBEDDED_FOLDERS
 from dalle_app.oracle import satisfies
 
@@ -115,6 +124,32 @@ def test_seen_prompts_are_training_combinations():
             a, b = p.targets
             assert not is_heldout_triple((a.color, a.shape), p.relation, (b.color, b.shape))
         assert satisfies(render_prompt(p, np.random.default_rng(0)).image, p)
+
+
+def _judged(correct: list[bool]) -> Judged:
+    verdicts = [Verdict(ok, ok, ok, ok, ok) for ok in correct]
+    return Judged(heldout_prompts(1)[0], verdicts, [float(-i) for i in range(len(correct))], [])
+
+
+def test_clip_ranking_counts_right_images_ranked_above_wrong_ones():
+    judged = [_judged([True, False, True, False]), _judged([True, True]), _judged([False, True, True])]
+    figures = clip_ranking(judged)
+    # pairs (right, wrong): 2 x 2 in the first prompt, of which 2 + 1 ordered right; none in the
+    # second; 2 x 1 in the third, none ordered right
+    assert figures["clip_ordering_accuracy"] == pytest.approx(3 / 6)
+    gains = [1 - 0.5, 1 - 1.0, 0 - 2 / 3]
+    assert figures["clip_pick_gain"] == pytest.approx(np.mean(gains))
+    assert figures["clip_pick_gain_stderr"] == pytest.approx(np.std(gains, ddof=1) / np.sqrt(3))
+
+
+def test_several_seeds_pool_their_prompts(capsys):
+    assert main(["--json", "--generator", "truth", "--n-prompts", "4", "--images-per-prompt", "2",
+                 "--n-seen-prompts", "2", "--seed", "0", "1"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["seed"] == [0, 1]
+    assert figures["n_prompts"] == 8 and figures["n_seen_prompts"] == 4
+    assert figures["random_pick_accuracy"] == 1.0 and figures["clip_pick_gain"] == 0.0
+    assert figures["clip_ordering_accuracy"] is None  # no wrong image to rank
 
 
 def test_cli_prints_json_last(capsys):

@@ -163,21 +163,45 @@ def test_interrupted_dallebart_resumes_to_the_same_weights(tiny_run: tuple[Path,
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_wrong_captions_contradict_the_scene() -> None:
-    from dalle_app.data import sample
+def test_wrong_captions_contradict_the_scene_and_name_no_heldout_combination() -> None:
+    from dalle_app.data import COLORS, SHAPES, is_heldout_pair, sample
+    from collections import Counter
+
+    from dalle_app.data.captions import RELATION_WORDS
+    from dalle_app.data.world import is_heldout_triple
     from dalle_app.train.clip import wrong_caption
 
+    def named(caption: str) -> list[tuple[str, str]]:
+        words = caption.split()
+        return [(c, x) for c, x in zip(words, words[1:]) if c in COLORS and x in SHAPES]
+
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    kinds = {"swapped": 0, "shape changed": 0}
+    for _ in range(300):
         s = sample(rng, "train")
         wrong = wrong_caption(s, rng)
+        pairs = named(wrong)
+        assert not any(is_heldout_pair(*p) for p in pairs), (s.caption, wrong)
         if s.relation is None:
             o = s.objects[0]
-            assert not (o.color in wrong and o.shape in wrong), (s.caption, wrong)
-        else:
+            assert pairs and pairs[0] != (o.color, o.shape), (s.caption, wrong)
+            continue
+        truth = [(o.color, o.shape) for o in s.objects]
+        if sorted(pairs) == sorted(truth):  # the objects swapped: said the wrong way round
+            kinds["swapped"] += 1
             assert " and " not in wrong  # a relation-free caption would be true either way round
-            first = min((wrong.find(f"{o.color} {o.shape}"), i) for i, o in enumerate(s.objects))[1]
-            assert first == 1 or s.relation not in wrong, (s.caption, wrong)
+            first = 0 if wrong.find(" ".join(truth[0])) < wrong.find(" ".join(truth[1])) else 1
+            said = next(r for r, ws in RELATION_WORDS.items() if any(f" {w} " in wrong for w in ws))
+            assert (first == 1) == (said == s.relation), (s.caption, wrong)
+        else:  # one object's shape changed, colours kept
+            kinds["shape changed"] += 1
+            assert sorted(c for c, _ in pairs) == sorted(c for c, _ in truth), (s.caption, wrong)
+            assert sum((Counter(pairs) - Counter(truth)).values()) == 1, (s.caption, wrong)
+        if " and " not in wrong:
+            said = next(r for r, ws in RELATION_WORDS.items() if any(f" {w} " in wrong for w in ws))
+            a, b = pairs
+            assert not is_heldout_triple(a, said, b), (s.caption, wrong)
+    assert min(kinds.values()) > 40, kinds
 
 
 def test_near_miss_images_contradict_their_caption_and_stay_in_training() -> None:

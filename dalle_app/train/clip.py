@@ -3,13 +3,14 @@
 CLIP's job in the app is to rank images generated for *one* prompt, so what it must tell apart
 is "a red square above a blue circle" from the same objects the other way round, or a red square
 from an orange one. Plain in-batch negatives rarely test that, so every image also gets a caption
-that is wrong in exactly one way (objects swapped for two-object scenes; another color or shape
-for one-object scenes), added as an extra text in the image→text softmax. And every caption gets
+that is wrong in exactly one way (objects swapped or one shape changed for two-object scenes;
+another color or shape for one-object scenes), added as an extra text in the image→text softmax. And every caption gets
 a near-miss image, its scene wrong in one way (`near_miss`: another shape, the asked size
 changed, the relation reversed), added as an extra image in the text→image softmax: that is the
 choice the app's ranking makes, between images of one prompt that differ in a detail. Captions
 equal to the positive (the generator repeats some) share the target mass instead of counting as
-negatives. Near misses keep to training combinations: CLIP never sees a held-out pair or triple.
+negatives. Wrong captions and near misses keep to training combinations: CLIP never sees a
+held-out pair or triple, not even as a negative.
 
 That leaves held-out pairs to the image tower's way of combining colour and shape: trained on
 pairs alone, it can put an unseen "red diamond" next to red circles, where no caption of a
@@ -99,21 +100,31 @@ class CLIPTrainConfig:
 
 
 def wrong_caption(sample: Sample, rng: np.random.Generator) -> str:
-    """A caption false for this scene in one respect: swapped objects, or one changed attribute."""
-    if sample.relation is not None:
-        a, b = sample.objects
-        while True:  # "A and B" (no relation word) would be true either way round
-            wrong = caption_text.pair_caption(b, sample.relation, a, rng)
-            if " and " not in wrong:
-                return wrong
-    obj = sample.objects[0]
-    if rng.random() < 0.5:
-        color = str(rng.choice([c for c in COLORS if c != obj.color]))
-        other = ObjectSpec(color, obj.shape, obj.size, obj.center)
-    else:
-        shape = str(rng.choice([s for s in SHAPES if s != obj.shape]))
-        other = ObjectSpec(obj.color, shape, obj.size, obj.center)
-    return caption_text.single_caption(other, rng)
+    """A caption false for this scene in one respect, naming training combinations only: for two
+    objects, the objects swapped or one object's shape changed; for one object, another colour or
+    shape."""
+    while True:
+        if sample.relation is not None:
+            objects, relation = list(sample.objects), sample.relation
+            a, b = objects
+            if rng.random() < 0.5 and (a.color, a.shape) != (b.color, b.shape):  # twins swapped stay true
+                objects.reverse()
+            else:
+                i = int(rng.integers(2))
+                objects[i] = dataclasses.replace(objects[i], shape=str(rng.choice(
+                    [x for x in SHAPES if x != objects[i].shape])))
+            wrong = caption_text.pair_caption(objects[0], relation, objects[1], rng)
+            if objects[0] == b and " and " in wrong:
+                continue  # "A and B" (no relation word) is true either way round
+        else:
+            obj, relation = sample.objects[0], None
+            if rng.random() < 0.5:
+                objects = [dataclasses.replace(obj, color=str(rng.choice([c for c in COLORS if c != obj.color])))]
+            else:
+                objects = [dataclasses.replace(obj, shape=str(rng.choice([x for x in SHAPES if x != obj.shape])))]
+            wrong = caption_text.single_caption(objects[0], rng)
+        if not is_heldout_scene(objects, relation):
+            return wrong
 
 
 def near_miss(sample: Sample, rng: np.random.Generator) -> np.ndarray:
