@@ -5,10 +5,10 @@ is "a red square above a blue circle" from the same objects the other way round,
 from an orange one. Plain in-batch negatives rarely test that, so every image also gets a caption
 that is wrong in exactly one way (objects swapped or one shape changed for two-object scenes;
 another color or shape for one-object scenes), added as an extra text in the image→text
-softmax. And every caption gets a near-miss image, its scene wrong in one way (`near_miss`: another shape, the asked size
-changed, the relation reversed), added as an extra image in the text→image softmax: that is the
-choice the app's ranking makes, between images of one prompt that differ in a detail. Captions
-equal to the positive (the generator repeats some) share the target mass instead of counting as
+softmax. And every caption gets a near-miss image, its scene wrong in one way (`near_miss`:
+another shape, the asked size changed, the relation reversed), added as an extra image in the
+text→image softmax: that is the choice the app's ranking makes, between images of one prompt
+that differ in a detail. Captions equal to the positive (the generator repeats some) share the target mass instead of counting as
 negatives. Wrong captions and near misses keep to training combinations: CLIP never sees a
 held-out pair or triple, not even as a negative.
 
