@@ -8,9 +8,9 @@ another color or shape for one-object scenes), added as an extra text in the ima
 softmax. And every caption gets a near-miss image, its scene wrong in one way (`near_miss`:
 another shape, the asked size changed, the relation reversed), added as an extra image in the
 text→image softmax: that is the choice the app's ranking makes, between images of one prompt
-that differ in a detail. Captions equal to the positive (the generator repeats some) share the target mass instead of counting as
-negatives. Wrong captions and near misses keep to training combinations: CLIP never sees a
-held-out pair or triple, not even as a negative.
+that differ in a detail. Captions equal to the positive (the generator repeats some) share the
+target mass instead of counting as negatives. Wrong captions and near misses keep to training
+combinations: CLIP never sees a held-out pair or triple, not even as a negative.
 
 That leaves held-out pairs to the image tower's way of combining colour and shape: trained on
 pairs alone, it can put an unseen "red diamond" next to red circles, where no caption of a
