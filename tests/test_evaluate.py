@@ -179,9 +179,9 @@ def test_shipped_model_above_measured_floors():
 # Floors below the figures measured with this exact call on the shipped assets, with the sampling
 # settings their generation_config.json recommends (single object, color+shape 0.94, with size 0.92,
 # relation 0.85, colour 0.97, shape 0.94, random pick 0.885, CLIP's pick 1.0, CLIP ordering a right
-# image above a wrong one 0.96, prompts of training combinations 0.95, VQGAN round trip 1.0, variety 0.12 against 0.15 for ground truth); a
-# regression of the model, the sampler, CLIP or the oracle drops under them (variety: a sampler
-# that draws one image over and over).
+# image above a wrong one 0.96, prompts of training combinations 0.95, VQGAN round trip 1.0, variety
+# 0.12 against 0.15 for ground truth); a regression of the model, the sampler, CLIP or the oracle
+# drops under them (variety: a sampler that draws one image over and over).
 SHIPPED_FLOORS: dict[str, float] = {
     "vqgan_roundtrip_accuracy": 0.95,
     "single_object_accuracy": 0.8,
