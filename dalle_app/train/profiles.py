@@ -1,7 +1,8 @@
 """Model sizes, batch sizes and step counts for each kind of machine (`--profile`).
 
-- `cpu`: the shipped assets' step counts (about 170 minutes on 2 CPU cores; `--minutes-budget 90`
-  scales them to 90).
+- `cpu`: the shipped assets' step counts (one `all` run: 89 minutes on a 2-core AMD EPYC, about
+  170 on the slower 2-core machine that trained the shipped assets; `--minutes-budget 90` scales
+  them down to 90 minutes on any machine).
 - `gpu`: one modern GPU for a few minutes: bigger models, batches and dataset.
 - `tiny`: seconds-long runs for the tests.
 
