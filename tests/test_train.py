@@ -190,7 +190,8 @@ def test_wrong_captions_contradict_the_scene_and_name_no_heldout_combination() -
         said = next((r for r, ws in RELATION_WORDS.items() if any(f" {w} " in wrong for w in ws)), None)
         if sorted(pairs) == sorted(truth):  # the objects swapped: said the wrong way round
             kinds["swapped"] += 1
-            assert " and " not in wrong  # a relation-free caption would be true either way round
+            assert said is not None, (s.caption, wrong)  # a relation-free caption would be true either way round
+            assert " and " not in wrong
             first = 0 if wrong.find(" ".join(truth[0])) < wrong.find(" ".join(truth[1])) else 1
             assert (first == 1) == (said == s.relation), (s.caption, wrong)
         else:  # one object's shape changed, colours kept
