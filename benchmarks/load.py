@@ -274,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             print("  problem:", problem)
         figures |= {
             "burst": {"completed": burst.completed, "rejected": burst.rejected, "failed": len(burst.failed),
-                      "mixed": len(burst.mixed), "lost": burst.lost, "latencies": burst.latencies},
+                      "mixed": len(burst.mixed), "lost": burst.lost, "latencies": burst.latencies,
+                      "busy_answers": dict(burst.busy_answers)},
             "soak": {"total": args.total, "completed": soak.completed, "rejected": soak.rejected,
                      "failed": len(soak.failed), "mixed": len(soak.mixed), "lost": soak.lost,
-                     "latencies": soak.latencies, "seconds": soak_s},
+                     "latencies": soak.latencies, "seconds": soak_s, "busy_answers": dict(soak.busy_answers)},
             "rss_before_mib": rss_before, "rss_after_mib": rss_after, "rss_every_chunk_mib": rss_trend,
         }
     finally:
