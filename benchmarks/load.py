@@ -123,7 +123,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Users:
-    """Simulated users, one gradio_client (one session) each, opened before they are timed."""
+    """Simulated users, one gradio_client each, opened before they are timed."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -131,7 +131,7 @@ class Users:
         self.idle: queue.Queue[Client] = queue.Queue()
 
     def ensure(self, n: int) -> None:
-        """Open sessions until there are `n` users (a few at a time, not to time out the server)."""
+        """Open clients until there are `n` users (a few at a time, not to time out the server)."""
         missing = n - len(self.all)
         if missing <= 0:
             return
