@@ -123,7 +123,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Users:
-    """Simulated users, one gradio_client (one session) each, opened before they are timed."""
+    """Simulated users, one gradio_client each, opened before they are timed."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -131,7 +131,7 @@ class Users:
         self.idle: queue.Queue[Client] = queue.Queue()
 
     def ensure(self, n: int) -> None:
-        """Open sessions until there are `n` users (a few at a time, not to time out the server)."""
+        """Open clients until there are `n` users (a few at a time, not to time out the server)."""
         missing = n - len(self.all)
         if missing <= 0:
             return
@@ -274,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             print("  problem:", problem)
         figures |= {
             "burst": {"completed": burst.completed, "rejected": burst.rejected, "failed": len(burst.failed),
-                      "mixed": len(burst.mixed), "lost": burst.lost, "latencies": burst.latencies},
+                      "mixed": len(burst.mixed), "lost": burst.lost, "latencies": burst.latencies,
+                      "busy_answers": dict(burst.busy_answers)},
             "soak": {"total": args.total, "completed": soak.completed, "rejected": soak.rejected,
                      "failed": len(soak.failed), "mixed": len(soak.mixed), "lost": soak.lost,
-                     "latencies": soak.latencies, "seconds": soak_s},
+                     "latencies": soak.latencies, "seconds": soak_s, "busy_answers": dict(soak.busy_answers)},
             "rss_before_mib": rss_before, "rss_after_mib": rss_after, "rss_every_chunk_mib": rss_trend,
         }
     finally:

@@ -2,7 +2,7 @@
 
 Runs in the separate baseline environment (NOT the app's venv), see benchmarks/README.md:
 
-    /work/baseline/venv/bin/python benchmarks/original_generate.py --images 1 9 [--dtype float32]
+    ../baseline-venv/bin/python benchmarks/original_generate.py --images 1 9 [--dtype float32]
 
 The model is built from tests/fixtures/specs/dalle_mini_config.json with random weights
 (`init_weights`), prompts are synthetic token ids (12 tokens + padding to 64), and generation

@@ -1,4 +1,5 @@
-"""Shared test setup: CPU only, deterministic RNG stream, fixture paths."""
+"""Shared test setup: CPU only, deterministic RNG stream, fixture paths; under CI=true a
+browser test that is skipped (no Chromium, no Playwright) is reported as a failure."""
 
 from __future__ import annotations
 
@@ -11,6 +12,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def running_in_ci() -> bool:
+    """CI services set CI=true (.ci/run does too): there every test must really run."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A skipped browser test means the UI went untested: in CI that is a failure, not a skip."""
+    report = yield
+    if report.skipped and running_in_ci() and item.get_closest_marker("browser"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"browser test skipped under CI=true, which must run it: {reason}"
+    return report
 
 
 @pytest.fixture(scope="session")

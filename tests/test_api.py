@@ -252,7 +252,7 @@ def test_out_of_memory_is_retried_smaller_then_reported(server, client):
 def test_cancelling_one_request_leaves_the_others_in_its_batch_alone(server):
     url, pool = server
     scheduler = pool.get("slow")
-    a, b = Client(url, verbose=False), Client(url, verbose=False)  # two users (two sessions)
+    a, b = Client(url, verbose=False), Client(url, verbose=False)  # two users, one client each
     try:
         alone = b.predict(prompt="a blue circle", model="slow", num_images=2, seed=99, api_name="/generate")
         before = len(scheduler.jobs)

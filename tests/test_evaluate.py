@@ -88,7 +88,7 @@ def test_single_objects_are_judged_by_size_apart_from_color_and_shape():
 
     figures = summarize(judge(list(prompts.values()), wrong_size, 2, seed=0), [])
     assert figures["single_object_strict_accuracy"] == 0.0
-    assert figures["single_object_accuracy"] == 1.0  # the measure: color + shape
+    assert figures["single_object_accuracy"] == 1.0  # colour and shape right
     assert figures["single_object_small_accuracy"] == figures["single_object_large_accuracy"] == 0.0
     assert figures["single_object_unsized_accuracy"] is None
     assert figures["variety"] == 0.0  # the same image twice per prompt

@@ -34,7 +34,7 @@ def normalizer() -> TextNormalizer:
 
 @pytest.mark.parametrize(
     ("raw", "normalized"),
-    [  # MODEL_NOTES §4.3, verified against dalle-mini 0.1.5
+    [  # docs/model-notes.md §4.3, verified against dalle-mini 0.1.5
         ("Sunset over a lake in the mountains", " sunset over a lake in the mountains"),
         ("The Eiffel Tower landing on the moon!!!", " the eiffel tower landing on the moon"),
         ("Price: $1,000.50 on 12/25... (really?)", " price, $ 1000.50 on 12/25, really"),

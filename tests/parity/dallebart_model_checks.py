@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
+from dalle_app.sampling import guide
 
 ATOL = 1e-4  # hidden states and logits; the original implementations agree to ~1e-5 in float32
 TIE_MARGIN = 1e-4  # a greedy step whose best/second-best gap is below this may go either way
@@ -77,7 +78,9 @@ def check_kv_cache_logits(folder: Path) -> None:
 def _check_greedy(folder: Path, scale: float) -> None:
     """Super-conditioned greedy codes, checked step by step by teacher forcing on the reference
     sequence: at every step our argmax over image codes must be the reference's choice, except
-    where the reference's own best/second-best gap is below TIE_MARGIN."""
+    where the reference's own best/second-best gap is below TIE_MARGIN. The conditional and
+    unconditional logits are mixed by the sampler's own guidance function, so a change to it is
+    caught here."""
     exp, cfg = _expected(folder), _model(folder).config
     key = f"cond{scale:g}"
     want, margin = exp[f"greedy_{key}"], exp[f"margin_{key}"]
@@ -85,7 +88,9 @@ def _check_greedy(folder: Path, scale: float) -> None:
     inputs = np.concatenate([bos, want[:, :-1]], axis=1)
     cond = _teacher_forced(folder, inputs)
     uncond = _teacher_forced(folder, inputs, uncond=True)
-    combined = uncond + scale * (cond - uncond)
+    rows = cond.shape[0] * cond.shape[1]  # guide() mixes (rows, vocab) with one scale per row
+    combined = np.asarray(guide(jnp.asarray(cond.reshape(rows, -1)), jnp.asarray(uncond.reshape(rows, -1)),
+                                jnp.full((rows,), scale, jnp.float32))).reshape(cond.shape)
     got = combined[..., : cfg.image_vocab_size].argmax(-1)
     wrong = (got != want) & (margin >= TIE_MARGIN)
     assert not wrong.any(), (
