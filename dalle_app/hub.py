@@ -24,35 +24,26 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from dalle_app.validation import SAMPLING
+from dalle_app.request import SAMPLING_FIELDS
+from dalle_app.text import TOKENIZER_FILES, WORD_FILE
 
 KINDS = ("dalle", "vqgan", "clip")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_FOLDERS = {
-    "dalle": REPO_ROOT / "assets" / "dalle-embedded",
-    "vqgan": REPO_ROOT / "assets" / "vqgan-embedded",
-    "clip": REPO_ROOT / "assets" / "clip-embedded",
-}
+ASSETS = REPO_ROOT / "assets"
+EMBEDDED_FOLDER_NAMES = {kind: f"{kind}-embedded" for kind in KINDS}
+"""The embedded models' folders under assets/ (written by `python -m dalle_app.train`)."""
+EMBEDDED_FOLDERS = {kind: ASSETS / name for kind, name in EMBEDDED_FOLDER_NAMES.items()}
 
 VQGAN_REVISION = "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"  # the one DALL·E Mini's notebook pins
 
-WORD_FILE = "enwiki-words-frequency.txt"
 WORD_FILE_REPO = "dalle-mini/dalle-mini"  # the normalizer always takes it from mini, even for mega
-
-_TOKENIZER_FILES = [
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-]
 
 # Exact file names (no wildcards), so a download can never pull pickled weights.
 DOWNLOAD_FILES: dict[str, list[str]] = {
-    "dalle": ["config.json", "flax_model.msgpack", *_TOKENIZER_FILES],
+    "dalle": ["config.json", "flax_model.msgpack", *TOKENIZER_FILES],
     "vqgan": ["config.json", "flax_model.msgpack"],
-    "clip": ["config.json", "model.safetensors", "preprocessor_config.json", *_TOKENIZER_FILES],
+    "clip": ["config.json", "model.safetensors", "preprocessor_config.json", *TOKENIZER_FILES],
 }
 
 # What a folder must hold to be loadable; each entry is satisfied by any one of its names.
@@ -153,7 +144,7 @@ def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     numbers = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {k: numbers[k] for k in SAMPLING if k in numbers}
+    return {k: numbers[k] for k in SAMPLING_FIELDS if k in numbers}
 
 
 def resolve_model(

@@ -27,7 +27,6 @@ class ScriptedJob:
     def __init__(self, request, events, hold: threading.Event | None = None):
         self.request, self._events, self.hold = request, events, hold
         self.cancelled = threading.Event()
-        self.seed = request.seed
 
     def events(self):
         for event in self._events:
@@ -104,10 +103,11 @@ def test_generate_streams_previews_then_the_ranked_gallery(tmp_path):
         assert meta["seed"] == seed and meta["prompt"] == "a red square" and meta["rank"] == rank
     assert summary["model"] == "embedded" and summary["timings"] == {"total_s": 0.5}
     # left-out sampling settings are the embedded model's recommended ones (its generation_config.json)
-    assert summary["parameters"]["cond_scale"] == h.catalog.sampling_defaults("embedded")["cond_scale"] == 1.5
+    assert summary["parameters"]["cond_scale"] == h.catalog.sampling_defaults("embedded").cond_scale == 1.5
     assert summary["status"] == "done"
     request = scheduler.jobs[0].request
-    assert (request.prompt, request.num_images, request.seed, request.top_k) == ("a red square", 4, 100, 50)
+    assert (request.prompt, request.num_images, request.seed, request.sampling.top_k) == ("a red square", 4, 100, 50)
+    assert summary["parameters"] == request.parameters()  # the validated record, unchanged
 
 
 @pytest.mark.parametrize(
