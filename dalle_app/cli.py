@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BAR_WIDTH = 30
+"""Characters of the plain progress bar."""
+
+
 class _StderrBar:
     """A plain progress bar for when tqdm is not installed."""
 
@@ -54,8 +58,8 @@ class _StderrBar:
 
     def update(self, n: int) -> None:
         self.n += n
-        filled = int(30 * self.n / max(self.total, 1))
-        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total}")
+        filled = int(BAR_WIDTH * self.n / max(self.total, 1))
+        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {self.n}/{self.total}")
         self.stream.flush()
 
     def close(self) -> None:

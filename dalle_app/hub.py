@@ -24,15 +24,13 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from dalle_app.model_files import EMBEDDED_FOLDER_NAMES, GENERATION_CONFIG, TOKENIZER_FILES, WORD_FILE
 from dalle_app.request import SAMPLING_FIELDS
-from dalle_app.text import TOKENIZER_FILES, WORD_FILE
 
 KINDS = ("dalle", "vqgan", "clip")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSETS = REPO_ROOT / "assets"
-EMBEDDED_FOLDER_NAMES = {kind: f"{kind}-embedded" for kind in KINDS}
-"""The embedded models' folders under assets/ (written by `python -m dalle_app.train`)."""
 EMBEDDED_FOLDERS = {kind: ASSETS / name for kind, name in EMBEDDED_FOLDER_NAMES.items()}
 
 VQGAN_REVISION = "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"  # the one DALL·E Mini's notebook pins
@@ -123,9 +121,6 @@ def parse_reference(
             "or a Hugging Face hub repo id like owner/name[@revision]"
         )
     return ModelReference(kind, repo_id=repo_id, revision=inline_revision or revision)
-
-
-GENERATION_CONFIG = "generation_config.json"
 
 
 def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:

@@ -122,17 +122,8 @@ class Job:
     # ---- public ---------------------------------------------------------------------------
 
     @property
-    def seed(self) -> int:
-        """The request's seed (image i uses `sampling.image_seed(seed, i)`)."""
-        return self.request.seed
-
-    @property
     def finished(self) -> bool:
         return self._finished.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._final is not None and self._final.kind == "cancelled"
 
     def events(self, timeout: float | None = None) -> Iterator[JobEvent]:
         """Yield the job's events in order, ending after its terminal event.
@@ -282,12 +273,6 @@ class Scheduler:
             job.post(JobEvent("queued", total=self.pipeline.image_length, queue_position=position))
             self._cond.notify_all()
         return job
-
-    @property
-    def queue_size(self) -> int:
-        """Jobs waiting to start."""
-        with self._cond:
-            return len(self._waiting)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop accepting requests, fail the waiting ones and let the current loop finish."""

@@ -26,12 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 from unidecode import unidecode
 
-WORD_FILE = "enwiki-words-frequency.txt"
-"""The normalizer's word frequency list, kept in the DalleBart folder (or resolved by dalle_app.hub)."""
-TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
-)
-"""The byte-level BPE tokenizer files a DalleBart or CLIP folder carries."""
+from dalle_app.model_files import WORD_FILE
 
 # --------------------------------------------------------------------------------------------
 # Hashtag splitting (wordninja-style segmentation with the checkpoint's word frequency list)

@@ -227,3 +227,13 @@ def test_recommended_settings_come_from_a_local_generation_config(tmp_path: Path
     assert hub.recommended_settings("mini") == {}  # hub models: DALL·E Mini's defaults, nothing downloaded
     shipped = hub.recommended_settings(None)
     assert set(shipped) == {"temperature", "top_k", "top_p", "cond_scale"}
+
+
+def test_the_hub_does_not_import_validation() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, dalle_app.hub; print('dalle_app.validation' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stdout.strip() == "False"

@@ -15,6 +15,7 @@ from dalle_app import images as pngs
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry, short_reason
 from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
+from tests.app_support import read_metadata
 
 
 def tile(value: int) -> Image.Image:
@@ -188,7 +189,7 @@ def test_grid_download_writes_one_png_with_the_parameters(tmp_path):
         paths.append((str(path), text))
     button = h.grid_download(paths, summary)
     path = button.value["path"] if isinstance(button.value, dict) else button.value
-    meta = pngs.read_metadata(path)
+    meta = read_metadata(path)
     assert meta["prompt"] == "a red square" and meta["seeds"] == summary["seeds"] and meta["num_images"] == 3
     with Image.open(path) as grid:
         assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)

@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         profile = dataclasses.replace(profile, dallebart=dataclasses.replace(profile.dallebart,
                                                                                num_samples=args.dataset_size))
     args.out.mkdir(parents=True, exist_ok=True)
-    from dalle_app.train import pipeline
+    from dalle_app.train import phases
 
     t0 = time.time()
     budget = None if args.minutes_budget is None else args.minutes_budget * 60.0
     overrides = {name: phase_steps(args, name)
                  for name in ("vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder")}
-    timings = pipeline.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
+    timings = phases.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
     timings["total"] = round(time.time() - t0, 1)
     previous = json.loads((args.out / "timings.json").read_text()) if (args.out / "timings.json").is_file() else {}
     (args.out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2) + "\n")
