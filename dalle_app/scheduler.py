@@ -117,7 +117,7 @@ class Job:
         self._next_row = 0  # rows [0, _next_row) have been handed to a decoding loop
         self._codes: dict[int, np.ndarray] = {}
         self._row_steps: dict[int, int] = {}
-        self.submitted_at = time.monotonic()
+        self.submitted_at = time.perf_counter()  # the clock of the pipeline's timings
 
     # ---- public ---------------------------------------------------------------------------
 

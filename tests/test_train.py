@@ -118,6 +118,7 @@ def test_exported_folders_load_through_the_app_loaders(tiny_run: tuple[Path, Pat
     assets = tiny_run[1]
     config = json.loads((assets / "dalle-embedded" / "config.json").read_text())
     assert config["model_type"] == "dallebart" and config["normalize_text"] is True
+    assert config["use_scan"] is True  # stacked layers, as the original reads them
     assert config["activation_function"] == "gelu_new"  # the profile's choice reaches config.json
     assert any("FlaxBartDecoderLayers" in k for k in flatten(read_msgpack(assets / "dalle-embedded" / "flax_model.msgpack")))
     dalle = load_dallebart(assets / "dalle-embedded")

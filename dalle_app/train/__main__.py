@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from dalle_app.model_files import EMBEDDED_FOLDER_NAMES
 from dalle_app.train.profiles import PROFILES, Profile
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "export", "all"])
     p.add_argument("--out", type=Path, required=True, help="run folder (states, logs, exported models)")
     p.add_argument("--assets", type=Path, default=None,
-                   help="copy the trained models here as vqgan-embedded/, dalle-embedded/, clip-embedded/ "
+                   help=f"copy the trained models here as {', '.join(n + '/' for n in EMBEDDED_FOLDER_NAMES.values())} "
                         "(with `all`, after training; with `export`, required)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="model and batch sizes (default: cpu)")
     p.add_argument("--steps", type=int, default=None, help="steps of the phase run (not with `all`)")
