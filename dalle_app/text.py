@@ -119,7 +119,7 @@ class HashtagSplitter:
 
 
 # --------------------------------------------------------------------------------------------
-# Text normalizer (MODEL_NOTES §4.3: 25 steps, in this order)
+# Text normalizer (docs/model-notes.md §4.3: 25 steps, in this order)
 # --------------------------------------------------------------------------------------------
 
 # `<person>` (CC12M) is replaced by one of these, drawn with these weights (wiki word counts).
