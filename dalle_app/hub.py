@@ -189,6 +189,14 @@ def resolve_word_file(dalle_folder: str | os.PathLike) -> Path:
         ) from error
 
 
+def normalizer_word_file(dalle_folder: str | os.PathLike) -> Path | None:
+    """What `TextProcessor.from_pretrained` needs as `word_file` for this DalleBart folder: the
+    resolved word list (`resolve_word_file`), or None when the model does not normalize text."""
+    if not _read_config(Path(dalle_folder)).get("normalize_text", False):
+        return None
+    return resolve_word_file(dalle_folder)
+
+
 def describe_availability(
     ref: str | os.PathLike | None, kind: str | None = None, revision: str | None = None
 ) -> tuple[bool, str]:

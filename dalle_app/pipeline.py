@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_app import runtime
-from dalle_app.hub import resolve_model, resolve_word_file
+from dalle_app.hub import normalizer_word_file, resolve_model
 from dalle_app.models.clip import CLIP, load_clip
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
 from dalle_app.models.vqgan import VQGAN, load_vqgan, to_uint8
@@ -34,7 +34,7 @@ from dalle_app.request import (
     random_seed,
 )
 from dalle_app.sampling import GenerationStopped, Sampler, batch_mesh, bucket_size, image_seed
-from dalle_app.text import TextProcessor, normalizes_text
+from dalle_app.text import TextProcessor
 
 BATCH_BUCKETS = (1, 2, 4, 9, 16, 32)
 """Image-batch sizes that get their own compiled program (9 is the default request)."""
@@ -160,10 +160,9 @@ class DallePipeline:
         dalle_dir = resolve_model(dalle, "dalle")
         vqgan_dir = resolve_model(vqgan, "vqgan")
         clip_dir = None if clip is False else resolve_model(clip if clip is not True else None, "clip")
-        word_file = resolve_word_file(dalle_dir) if normalizes_text(dalle_dir) else None
         # VQGAN and CLIP run once per image, not per step: float32 costs little there and avoids
         # fp16 overflow in the VQGAN's group norms.
-        pipe = cls(load_dallebart(dalle_dir, compute), TextProcessor.from_pretrained(dalle_dir, word_file),
+        pipe = cls(load_dallebart(dalle_dir, compute), TextProcessor.from_pretrained(dalle_dir, normalizer_word_file(dalle_dir)),
                    load_vqgan(vqgan_dir), None if clip_dir is None else load_clip(clip_dir), batch_buckets)
         if warmup:
             pipe.warmup(warmup)

@@ -280,15 +280,6 @@ DEFAULT_MAX_TEXT_LENGTH = 64
 """Token length of DALL·E Mini and Mega, for a config.json that does not give one."""
 
 
-def _read_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text(encoding="utf8"))
-
-
-def normalizes_text(folder: str | os.PathLike) -> bool:
-    """Whether the DalleBart folder's model normalizes captions (and so needs WORD_FILE)."""
-    return bool(_read_config(Path(folder)).get("normalize_text", False))
-
-
 class TextProcessor:
     """Prompts → `TokenizedPrompts`, the counterpart of dalle-mini's `DalleBartProcessor`."""
 
@@ -313,7 +304,7 @@ class TextProcessor:
         (`dalle_app.hub.resolve_word_file`).
         """
         folder = Path(folder)
-        config = _read_config(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf8"))
         max_text_length = int(config.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH))
         normalizer = None
         if config.get("normalize_text", False):

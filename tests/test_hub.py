@@ -8,6 +8,7 @@ HF_HUB_OFFLINE → True) rather than the environment.
 from __future__ import annotations
 
 import fnmatch
+import json
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def test_word_file_comes_from_the_mini_repo_for_mega(offline_cache: Path) -> Non
     assert hub.resolve_model("mega") == mega
     assert hub.resolve_word_file(mega) == mini / hub.WORD_FILE
     assert hub.resolve_word_file(DALLE) == DALLE / hub.WORD_FILE  # a folder's own copy first
+    assert hub.normalizer_word_file(mega) == mini / hub.WORD_FILE  # mega normalizes its prompts
+
+
+def test_a_model_that_does_not_normalize_needs_no_word_file(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    shutil.copytree(DALLE, folder, ignore=shutil.ignore_patterns("expected*", hub.WORD_FILE))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "normalize_text": False}))
+    assert hub.normalizer_word_file(folder) is None
 
 
 def test_offline_without_the_word_file_is_explained(offline_cache: Path) -> None:
