@@ -212,9 +212,11 @@ def main() -> None:
 
 
 def pipe_rows(args: argparse.Namespace) -> list:
-    from dalle_app.pipeline import ImageSpec
+    from dalle_app.pipeline import image_rows
+    from dalle_app.request import GenerationRequest, SamplingSettings
 
-    return [ImageSpec(PROMPT, seed=i, top_k=args.top_k, cond_scale=args.cond_scale) for i in range(args.images)]
+    sampling = SamplingSettings(top_k=args.top_k, cond_scale=args.cond_scale)
+    return image_rows(GenerationRequest(PROMPT, num_images=args.images, seed=0, sampling=sampling))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,16 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
+from dalle_app.request import SamplingSettings
 from dalle_app.validation import sampling_defaults
 
 MODELS_ENV = "DALLE_APP_MODELS"
 DEFAULT_MODEL_ENV = "DALLE_APP_DEFAULT_MODEL"
 EMBEDDED = "embedded"
+PROGRESS_UPDATES = 16
+"""Progress events per image in the app (scaled to the model's number of codes)."""
+PREVIEWS = 4
+"""Previews of the partial images per image in the app (each costs a VQGAN decode)."""
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,15 @@ def entry_for(spec: str) -> ModelEntry:
 
 
 def load_scheduler(entry: ModelEntry) -> Any:
-    """Load the entry's pipeline (reusing pipeline.py's cache) behind its own request scheduler,
-    with a progress update every 1/16 and a preview of the partial images every 1/4 of the codes."""
+    """Load the entry's pipeline behind its own request scheduler (what ModelPool keeps), with
+    PROGRESS_UPDATES progress events and PREVIEWS previews over the codes of an image."""
     from dalle_app.pipeline import DallePipeline
     from dalle_app.scheduler import Scheduler
 
     pipeline = DallePipeline.from_pretrained(**entry.parts)
     steps = pipeline.image_length  # 256 for mini/mega, fewer for small models: scale the updates to it
-    return Scheduler(pipeline, progress_every=max(1, steps // 16), preview_every=max(1, steps // 4))
+    return Scheduler(pipeline, progress_every=max(1, steps // PROGRESS_UPDATES),
+                     preview_every=max(1, steps // PREVIEWS))
 
 
 def check_entry(entry: ModelEntry, describe: Callable[..., tuple[bool, str]]) -> ModelEntry:
@@ -164,7 +170,7 @@ class Catalog:
         """Name → the sampling settings that model recommends (what validate_request takes)."""
         return {name: e.settings for name, e in self.entries.items()}
 
-    def sampling_defaults(self, name: str) -> dict[str, int | float]:
+    def sampling_defaults(self, name: str) -> SamplingSettings:
         """The settings a request for `name` gets when it gives none (unknown names: DALL·E Mini's)."""
         entry = self.entries.get(name)
         return sampling_defaults(entry.settings if entry is not None else None)

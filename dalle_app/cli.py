@@ -15,7 +15,8 @@ from typing import Sequence, TextIO
 
 from dalle_app import images as pngs
 from dalle_app.catalog import BUILTIN_MODELS, Catalog, ModelLoadError, ModelPool, check_entry, entry_for, load_scheduler
-from dalle_app.validation import NUMBERS, SEED_DEFAULT, ValidationError, validate_request
+from dalle_app.request import RANDOM_SEED
+from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{', '.join(e.name for e in BUILTIN_MODELS)}, a configured model, a local folder "
                         "or a hub repo owner/name[@revision], optionally +vqgan+clip "
                         "(default: $DALLE_APP_DEFAULT_MODEL, else the embedded model)")
-    parser.add_argument("--seed", type=float, default=SEED_DEFAULT, help="-1 for random (default)")
+    parser.add_argument("--seed", type=float, default=RANDOM_SEED, help="-1 for random (default)")
     recommended = "default: the model's recommended value, else DALL·E Mini's"
     parser.add_argument("--temperature", type=float, default=None, help=f"{recommended} {t.default}")
     parser.add_argument("--top-k", type=float, default=None, help=f"{recommended} {int(k.default)}")
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BAR_WIDTH = 30
+"""Characters of the plain progress bar."""
+
+
 class _StderrBar:
     """A plain progress bar for when tqdm is not installed."""
 
@@ -53,8 +58,8 @@ class _StderrBar:
 
     def update(self, n: int) -> None:
         self.n += n
-        filled = int(30 * self.n / max(self.total, 1))
-        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {self.n}/{self.total}")
+        filled = int(BAR_WIDTH * self.n / max(self.total, 1))
+        self.stream.write(f"\r{self.desc} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {self.n}/{self.total}")
         self.stream.flush()
 
     def close(self) -> None:
@@ -100,8 +105,6 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
     for notice in request.notices:
         print(f"note: {notice}", file=sys.stderr)
 
-    from dalle_app.scheduler import GenerationRequest
-
     started = time.monotonic()
     try:
         scheduler = pool.get(request.model)
@@ -109,11 +112,7 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model {request.model} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    job = scheduler.submit(GenerationRequest(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, num_images=request.num_images,
-        seed=request.seed, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-        cond_scale=request.cond_scale,
-    ))
+    job = scheduler.submit(request)
     bar, done_steps, final = None, 0, None
     try:
         for event in job.events():
@@ -135,8 +134,8 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         print(f"error: {final.error if final else 'generation ended without a result'}", file=sys.stderr)
         return 1
 
-    ranked = sorted(final.result.images[0], key=lambda g: g.score, reverse=True)
-    params = request.parameters() | {"seed": job.seed}
+    ranked = final.result.images[0]  # the pipeline's ranking (by CLIP score, best first)
+    params = request.parameters()
     meta = params | {"seeds": [g.seed for g in ranked], "scores": [round(float(g.score), 4) for g in ranked]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pngs.save_png(pngs.make_grid([g.image for g in ranked]), args.out, meta)

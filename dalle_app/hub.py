@@ -24,35 +24,24 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from dalle_app.validation import SAMPLING
+from dalle_app.model_files import EMBEDDED_FOLDER_NAMES, GENERATION_CONFIG, TOKENIZER_FILES, WORD_FILE
+from dalle_app.request import SAMPLING_FIELDS
 
 KINDS = ("dalle", "vqgan", "clip")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_FOLDERS = {
-    "dalle": REPO_ROOT / "assets" / "dalle-embedded",
-    "vqgan": REPO_ROOT / "assets" / "vqgan-embedded",
-    "clip": REPO_ROOT / "assets" / "clip-embedded",
-}
+ASSETS = REPO_ROOT / "assets"
+EMBEDDED_FOLDERS = {kind: ASSETS / name for kind, name in EMBEDDED_FOLDER_NAMES.items()}
 
 VQGAN_REVISION = "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"  # the one DALL·E Mini's notebook pins
 
-WORD_FILE = "enwiki-words-frequency.txt"
 WORD_FILE_REPO = "dalle-mini/dalle-mini"  # the normalizer always takes it from mini, even for mega
-
-_TOKENIZER_FILES = [
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-]
 
 # Exact file names (no wildcards), so a download can never pull pickled weights.
 DOWNLOAD_FILES: dict[str, list[str]] = {
-    "dalle": ["config.json", "flax_model.msgpack", *_TOKENIZER_FILES],
+    "dalle": ["config.json", "flax_model.msgpack", *TOKENIZER_FILES],
     "vqgan": ["config.json", "flax_model.msgpack"],
-    "clip": ["config.json", "model.safetensors", "preprocessor_config.json", *_TOKENIZER_FILES],
+    "clip": ["config.json", "model.safetensors", "preprocessor_config.json", *TOKENIZER_FILES],
 }
 
 # What a folder must hold to be loadable; each entry is satisfied by any one of its names.
@@ -134,9 +123,6 @@ def parse_reference(
     return ModelReference(kind, repo_id=repo_id, revision=inline_revision or revision)
 
 
-GENERATION_CONFIG = "generation_config.json"
-
-
 def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
     """Sampling settings a local DalleBart folder recommends in its `generation_config.json`
     (models trained here write one, tuned for them); {} elsewhere, which means DALL·E Mini's
@@ -153,7 +139,7 @@ def recommended_settings(ref: str | os.PathLike | None) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     numbers = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {k: numbers[k] for k in SAMPLING if k in numbers}
+    return {k: numbers[k] for k in SAMPLING_FIELDS if k in numbers}
 
 
 def resolve_model(
@@ -201,6 +187,14 @@ def resolve_word_file(dalle_folder: str | os.PathLike) -> Path:
             f"and copy the file into the model folder, or set HF_HOME to a Hugging Face cache "
             f"that holds it.{_detail(error)}"
         ) from error
+
+
+def normalizer_word_file(dalle_folder: str | os.PathLike) -> Path | None:
+    """What `TextProcessor.from_pretrained` needs as `word_file` for this DalleBart folder: the
+    resolved word list (`resolve_word_file`), or None when the model does not normalize text."""
+    if not _read_config(Path(dalle_folder)).get("normalize_text", False):
+        return None
+    return resolve_word_file(dalle_folder)
 
 
 def describe_availability(

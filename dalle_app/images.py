@@ -70,12 +70,3 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[st
     image.save(path, format="PNG", pnginfo=info)
     return path
 
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The parameters stored by `save_png` / `with_metadata` in a PNG file."""
-    with Image.open(path) as im:
-        im.load()
-        text = getattr(im, "text", {}) or {}
-    if METADATA_KEY not in text:
-        raise ValueError(f"{path} has no {METADATA_KEY!r} text chunk")
-    return json.loads(text[METADATA_KEY])

@@ -3,14 +3,14 @@
 Stages: tokenize (dalle_app.text) → encode + cross-attention K/V once per distinct text →
 sample codes (dalle_app.sampling, one shared loop for all images) → VQGAN decode → CLIP score →
 images ranked by score. The lower-level methods (`generate_codes`, `decode_images`,
-`preview_images`, `finish`) are what the request scheduler (dalle_app.scheduler) builds on.
+`preview_images`, `finish`) are what the request scheduler (dalle_app.scheduler) builds on; it
+is also the one place that streams progress and previews. Loaded pipelines are not cached here:
+the app's one model cache is `catalog.ModelPool`.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -20,14 +20,21 @@ import numpy as np
 from PIL import Image
 
 from dalle_app import runtime
-from dalle_app.hub import resolve_model
+from dalle_app.hub import normalizer_word_file, resolve_model
 from dalle_app.models.clip import CLIP, load_clip
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
 from dalle_app.models.vqgan import VQGAN, load_vqgan, to_uint8
+from dalle_app.request import (
+    DEFAULT_NUM_IMAGES,
+    DEFAULT_SAMPLING,
+    MAX_SEED,
+    RANDOM_SEED,
+    GenerationRequest,
+    SamplingSettings,
+    random_seed,
+)
 from dalle_app.sampling import GenerationStopped, Sampler, batch_mesh, bucket_size, image_seed
 from dalle_app.text import TextProcessor
-
-ProgressCallback = Callable[[int, int, "list[Image.Image] | None"], Any]
 
 BATCH_BUCKETS = (1, 2, 4, 9, 16, 32)
 """Image-batch sizes that get their own compiled program (9 is the default request)."""
@@ -38,19 +45,26 @@ WARMUP_SIZES = (1, 9)
 DECODE_BUCKETS = (1, 2, 4, 8)
 """VQGAN batch sizes; larger sets of images are decoded in chunks of the largest."""
 PREVIEW_GREY = 128
+"""Pixel value of the not-yet-sampled part of a preview."""
+PROGRESS_EVERY = 16
+"""Decoder steps between progress callbacks when the caller gives no interval."""
 
 
 class ModelMismatchError(ValueError):
     """The DalleBart checkpoint does not produce codes the VQGAN can decode."""
 
 
-def check_settings(num_images: int, temperature: float, top_k: int, top_p: float,
-                   cond_scale: float) -> None:
-    """Reject settings the sampler cannot honour (dalle_app.validation does the user-facing
+def check_request(request: GenerationRequest) -> None:
+    """Reject requests the sampler cannot honour (dalle_app.validation does the user-facing
     cleaning; this guards the engine itself)."""
+    num_images, seed = request.num_images, request.seed
+    temperature, top_k, top_p, cond_scale = (request.sampling.temperature, request.sampling.top_k,
+                                             request.sampling.top_p, request.sampling.cond_scale)
     problems = []
     if not (isinstance(num_images, (int, np.integer)) and num_images >= 1):
         problems.append(f"num_images must be a whole number ≥ 1, not {num_images!r}")
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_SEED):
+        problems.append(f"seed must be a whole number from 0 to {MAX_SEED}, not {seed!r}")
     if not (np.isfinite(temperature) and temperature > 0):
         problems.append(f"temperature must be > 0, not {temperature!r}")
     if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
@@ -63,10 +77,6 @@ def check_settings(num_images: int, temperature: float, top_k: int, top_p: float
         raise ValueError("; ".join(problems))
 
 
-def random_seed() -> int:
-    return secrets.randbelow(2**31)
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """XLA reports allocation failures as XlaRuntimeError RESOURCE_EXHAUSTED."""
     return "RESOURCE_EXHAUSTED" in str(error) or isinstance(error, MemoryError)
@@ -74,15 +84,15 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to sample: its text inputs, its own seed and its sampling settings."""
+    """One image to sample: the request it belongs to (its texts and settings) and its own seed."""
 
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    cond_scale: float = 10.0
+    request: GenerationRequest
+    seed: int
+
+
+def image_rows(request: GenerationRequest, first: int = 0) -> list[ImageSpec]:
+    """The request's images; image i gets `image_seed(request.seed, first + i)`."""
+    return [ImageSpec(request, image_seed(request.seed, first + i)) for i in range(request.num_images)]
 
 
 @dataclass
@@ -100,17 +110,6 @@ class PipelineOutput:
     timings: dict[str, float]            # encode_s, generate_s, decode_s, clip_s, total_s
     normalized: list[str] = field(default_factory=list)  # the text the model saw, per prompt
     truncated: list[bool] = field(default_factory=list)  # prompt longer than the text length
-
-
-_CACHE: dict[tuple, "DallePipeline"] = {}
-"""Loaded pipelines per (resolved folders, dtype): the process-wide model cache."""
-_CACHE_LOCK = threading.Lock()
-
-
-def clear_pipeline_cache() -> None:
-    """Forget every loaded pipeline (frees their weights once no one else holds them)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
 
 
 class DallePipeline:
@@ -135,7 +134,6 @@ class DallePipeline:
         self.dtype = dalle.dtype
         self.batch_buckets = tuple(batch_buckets)
         self.max_batch_images = max(self.batch_buckets)
-        self.progress_every = 16
         self._warm: set[int] = set()
 
     # ---- loading --------------------------------------------------------------------------
@@ -146,7 +144,7 @@ class DallePipeline:
                         clip: str | os.PathLike | None | bool = None, dtype: Any = None,
                         warmup: Sequence[int] = WARMUP_SIZES, batch_buckets: Sequence[int] = BATCH_BUCKETS,
                         ) -> "DallePipeline":
-        """Load (or reuse) a pipeline.
+        """Load a pipeline (each call loads anew: catalog.ModelPool keeps the loaded ones).
 
         dalle / vqgan / clip: a name of dalle_app.hub.NAMED_MODELS ("mini", "mega", "vqgan",
         "clip"), a hub repo id, or a local folder; None means the embedded default model.
@@ -156,24 +154,16 @@ class DallePipeline:
         warmup: image-batch sizes to compile at load (default: 1 and 9 images; () for none).
         With JAX's persistent compilation cache ($DALLE_APP_JAX_CACHE) a restart loads the
         compiled programs from disk instead of compiling again.
-        Pipelines are cached per (models, dtype) in this process; see clear_pipeline_cache().
         """
         runtime.configure()
         compute = runtime.resolve_dtype(dtype)
         dalle_dir = resolve_model(dalle, "dalle")
         vqgan_dir = resolve_model(vqgan, "vqgan")
         clip_dir = None if clip is False else resolve_model(clip if clip is not True else None, "clip")
-        key = (str(dalle_dir), str(vqgan_dir), str(clip_dir), runtime.dtype_name(compute),
-               tuple(batch_buckets), len(jax.local_devices()))
-        with _CACHE_LOCK:
-            pipe = _CACHE.get(key)
-            if pipe is None:
-                # VQGAN and CLIP run once per image, not per step: float32 costs little there and
-                # avoids fp16 overflow in the VQGAN's group norms.
-                pipe = cls(load_dallebart(dalle_dir, compute), TextProcessor.from_pretrained(dalle_dir),
-                           load_vqgan(vqgan_dir), None if clip_dir is None else load_clip(clip_dir),
-                           batch_buckets)
-                _CACHE[key] = pipe
+        # VQGAN and CLIP run once per image, not per step: float32 costs little there and avoids
+        # fp16 overflow in the VQGAN's group norms.
+        pipe = cls(load_dallebart(dalle_dir, compute), TextProcessor.from_pretrained(dalle_dir, normalizer_word_file(dalle_dir)),
+                   load_vqgan(vqgan_dir), None if clip_dir is None else load_clip(clip_dir), batch_buckets)
         if warmup:
             pipe.warmup(warmup)
         return pipe
@@ -183,7 +173,7 @@ class DallePipeline:
         """Decoder steps per image (= codes per image)."""
         return self.dalle.config.image_length
 
-    def warmup(self, batch_sizes: Sequence[int] = (1, 9)) -> float:
+    def warmup(self, batch_sizes: Sequence[int] = WARMUP_SIZES) -> float:
         """Compile the programs for these image-batch sizes (running the VQGAN and CLIP once on
         blank codes); returns the seconds it took. Sizes already warm are skipped."""
         start = time.perf_counter()
@@ -191,8 +181,7 @@ class DallePipeline:
             if n in self._warm:
                 continue
             self._warm.add(n)
-            rows = [ImageSpec("warm up", seed=i) for i in range(n)]
-            self.generate_codes(rows, steps=0)
+            self.generate_codes(image_rows(GenerationRequest("warm up", num_images=n, seed=0)), steps=0)
             codes = np.zeros((n, self.image_length), np.int32)
             images = self.decode_images(codes)
             if self.clip is not None:
@@ -201,50 +190,33 @@ class DallePipeline:
 
     # ---- one call -------------------------------------------------------------------------
 
-    def __call__(self, prompts: str | list[str], num_images: int = 9, seed: int = -1,
-                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
-                 cond_scale: float = 10.0, negative_prompt: str = "",
-                 progress: ProgressCallback | None = None, progress_every: int | None = None,
-                 preview_every: int | None = None) -> PipelineOutput:
-        """Generate `num_images` images per prompt, ranked by CLIP score.
+    def __call__(self, prompts: str | list[str], num_images: int = DEFAULT_NUM_IMAGES,
+                 seed: int = RANDOM_SEED, temperature: float = DEFAULT_SAMPLING.temperature,
+                 top_k: int = DEFAULT_SAMPLING.top_k, top_p: float = DEFAULT_SAMPLING.top_p,
+                 cond_scale: float = DEFAULT_SAMPLING.cond_scale, negative_prompt: str = "",
+                 ) -> PipelineOutput:
+        """Generate `num_images` images per prompt, ranked by CLIP score (no progress: for
+        progress events and previews submit a `GenerationRequest` to dalle_app.scheduler).
 
         seed: -1 picks one at random. Image j of the call (prompt-major order) uses the seed
-        (seed + j) mod 2**31, reported as `GeneratedImage.seed`.
+        `image_seed(seed, j)`, reported as `GeneratedImage.seed`.
         negative_prompt replaces the empty unconditional input of super-conditioning.
-        progress(step, total, partial_images) is called every `progress_every` decoder steps;
-        partial_images (the images so far, unfinished parts grey) come every `preview_every`
-        steps, else None — each preview costs a VQGAN decode.
         """
         started = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("give at least one prompt")
-        check_settings(num_images, temperature, top_k, top_p, cond_scale)
         seed = random_seed() if seed is None or seed < 0 else int(seed)
-        groups = [[ImageSpec(p, negative_prompt, image_seed(seed, j * num_images + i), temperature,
-                             top_k, top_p, cond_scale) for i in range(num_images)]
-                  for j, p in enumerate(prompts)]
+        sampling = SamplingSettings(temperature, top_k, top_p, cond_scale)
+        requests = [GenerationRequest(p, negative_prompt, num_images=num_images, seed=seed, sampling=sampling)
+                    for p in prompts]
+        for request in requests:
+            check_request(request)
+        groups = [image_rows(request, j * num_images) for j, request in enumerate(requests)]
         rows = [r for g in groups for r in g]
-        every = progress_every or self.progress_every
-        if preview_every:
-            every = int(np.gcd(every, preview_every))
-        loops = -(-len(rows) // self.max_batch_images)
-        total = loops * self.image_length
-
-        def reporter(offset: int) -> Callable[[int, int, np.ndarray], None] | None:
-            """Progress of one loop, as steps of the whole call, with previews when due."""
-            if progress is None:
-                return None
-
-            def report(step: int, _: int, partial: np.ndarray) -> None:
-                preview = bool(preview_every) and step % preview_every == 0 and step < self.image_length
-                progress(offset + step, total, self.preview_images(partial[:9]) if preview else None)
-            return report
-
         codes, timings = [], {"encode_s": 0.0, "generate_s": 0.0}
-        for loop in range(loops):
-            part = rows[loop * self.max_batch_images:(loop + 1) * self.max_batch_images]
-            part_codes, t = self.generate_codes(part, reporter(loop * self.image_length), every)
+        for start in range(0, len(rows), self.max_batch_images):
+            part_codes, t = self.generate_codes(rows[start:start + self.max_batch_images])
             codes.append(part_codes)
             timings = {k: timings[k] + t[k] for k in timings}
         return self.finish(prompts, groups, np.concatenate(codes), timings, started)
@@ -282,21 +254,21 @@ class DallePipeline:
                 masks.append(m)
             return texts[key]
 
-        cond = np.array([text_index(r.prompt, False) for r in padded], np.int32)
-        uncond = np.array([text_index(r.negative_prompt, True) for r in padded], np.int32)
+        cond = np.array([text_index(r.request.prompt, False) for r in padded], np.int32)
+        uncond = np.array([text_index(r.request.negative_prompt, True) for r in padded], np.int32)
         n_texts = bucket_size(len(ids), TEXT_BUCKETS)
         ids_arr = np.stack(ids + [ids[0]] * (n_texts - len(ids)))
         masks_arr = np.stack(masks + [masks[0]] * (n_texts - len(masks)))
         cross = self.sampler.encode_texts(ids_arr, masks_arr)
         jax.block_until_ready(cross)
         t1 = time.perf_counter()
-        field_array = lambda name, dtype: np.array([getattr(r, name) for r in padded], dtype)
+        field_array = lambda name, dtype: np.array([getattr(r.request.sampling, name) for r in padded], dtype)
         codes = self.sampler.generate(
             cross, masks_arr, cond, uncond, np.array([r.seed for r in padded], np.int64),
             field_array("temperature", np.float32), field_array("top_k", np.int32),
             field_array("top_p", np.float32), field_array("cond_scale", np.float32),
             progress=None if progress is None else (lambda s, t, c: progress(s, t, c[:len(rows)])),
-            progress_every=progress_every or self.progress_every, steps=steps)
+            progress_every=progress_every or PROGRESS_EVERY, steps=steps)
         t2 = time.perf_counter()
         return codes[:len(rows)], {"encode_s": t1 - t0, "generate_s": t2 - t1}
 
@@ -383,6 +355,5 @@ def check_compatible(dalle: DalleBartModel, vqgan: VQGAN) -> None:
 
 __all__ = [
     "DallePipeline", "GeneratedImage", "GenerationStopped", "ImageSpec", "ModelMismatchError",
-    "PipelineOutput", "check_compatible", "check_settings", "clear_pipeline_cache",
-    "is_out_of_memory", "random_seed",
+    "PipelineOutput", "check_compatible", "check_request", "image_rows", "is_out_of_memory",
 ]

@@ -5,7 +5,7 @@ the images of several requests in one loop costs little more than decoding one r
 Requests that are waiting when a loop starts share it; each request still gets its own
 progress events, partial images and result, and can be cancelled without disturbing the rest.
 
-Usage (e.g. from a Gradio handler):
+Usage (e.g. from a Gradio handler; requests usually come from `validation.validate_request`):
 
     scheduler = Scheduler(pipeline)
     job = scheduler.submit(GenerationRequest(prompt="a red bus", num_images=4, seed=7))
@@ -18,13 +18,12 @@ Usage (e.g. from a Gradio handler):
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from PIL import Image
@@ -34,12 +33,28 @@ from dalle_app.pipeline import (
     GenerationStopped,
     ImageSpec,
     PipelineOutput,
-    check_settings,
+    check_request,
+    image_rows,
     is_out_of_memory,
-    random_seed,
 )
+from dalle_app.request import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH_IMAGES = 16
+"""Images decoded in one shared loop (the largest default batch bucket)."""
+MAX_QUEUE = 64
+"""Jobs waiting to start before `submit` answers QueueFullError."""
+PROGRESS_EVERY = 16
+"""Decoder steps between progress events."""
+PREVIEW_EVERY = 64
+"""Decoder steps between previews (a quarter of DALL·E Mini's 256 codes)."""
+MAX_PREVIEW_IMAGES = 4
+"""Partial images per job per preview."""
+GATHER_S = 0.05
+"""Seconds the worker waits after the first request so that requests arriving together share a loop."""
+QUEUE_UPDATES = 8
+"""Waiting jobs (the first ones) told their new position when a loop starts."""
 
 EventKind = Literal["queued", "progress", "done", "error", "cancelled"]
 
@@ -54,25 +69,6 @@ class JobCancelled(RuntimeError):
 
 class JobFailed(RuntimeError):
     """Raised by `Job.result` for a job whose generation failed (the message says why)."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One user's request: `num_images` images of `prompt`.
-
-    Image i gets the seed `(seed + i) mod 2**31`, reported with each image, so any image can be
-    regenerated alone. A negative `seed` means "pick one at random" (done at submit time, so the
-    job reports the seed it used).
-    """
-
-    prompt: str
-    negative_prompt: str = ""
-    num_images: int = 9
-    seed: int = 0
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    cond_scale: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -102,14 +98,18 @@ _TERMINAL = ("done", "error", "cancelled")
 
 
 class Job:
-    """Handle on a submitted request. Thread-safe; meant for one consumer of `events()`."""
+    """Handle on a submitted request. Thread-safe; meant for one consumer of `events()`.
 
-    def __init__(self, request: GenerationRequest, rows: list[ImageSpec], total_steps: int,
-                 scheduler: "Scheduler") -> None:
+    The scheduler drives it through `post`, `finish`, `take_rows`, `record_steps` and
+    `store_codes`; consumers use `events`, `result` and `cancel`.
+    """
+
+    def __init__(self, request: GenerationRequest, total_steps: int,
+                 forget: Callable[["Job"], None]) -> None:
         self.request = request
-        self.rows = rows
-        self._total = total_steps
-        self._scheduler = scheduler
+        self.rows: list[ImageSpec] = image_rows(request)
+        self.total_steps = total_steps
+        self._forget = forget
         self._events: queue.Queue[JobEvent] = queue.Queue()
         self._lock = threading.Lock()
         self._finished = threading.Event()
@@ -117,22 +117,13 @@ class Job:
         self._next_row = 0  # rows [0, _next_row) have been handed to a decoding loop
         self._codes: dict[int, np.ndarray] = {}
         self._row_steps: dict[int, int] = {}
-        self.submitted_at = time.monotonic()
+        self.submitted_at = time.perf_counter()  # the clock of the pipeline's timings
 
     # ---- public ---------------------------------------------------------------------------
 
     @property
-    def seed(self) -> int:
-        """The seed of image 0 (image i uses `(seed + i) mod 2**31`)."""
-        return self.rows[0].seed
-
-    @property
     def finished(self) -> bool:
         return self._finished.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._final is not None and self._final.kind == "cancelled"
 
     def events(self, timeout: float | None = None) -> Iterator[JobEvent]:
         """Yield the job's events in order, ending after its terminal event.
@@ -167,17 +158,18 @@ class Job:
         If its images are being decoded, those rows may finish the current loop (the other jobs
         in that loop are not disturbed) but are discarded; it is dropped from later loops.
         """
-        if self._finish(JobEvent("cancelled", error="cancelled")):
-            self._scheduler._forget(self)
+        if self.finish(JobEvent("cancelled", error="cancelled")):
+            self._forget(self)
 
     # ---- used by the scheduler ------------------------------------------------------------
 
-    def _emit(self, event: JobEvent) -> None:
+    def post(self, event: JobEvent) -> None:
+        """Post a non-terminal event (dropped once the job has ended)."""
         with self._lock:
             if self._final is None:
                 self._events.put(event)
 
-    def _finish(self, event: JobEvent) -> bool:
+    def finish(self, event: JobEvent) -> bool:
         """Post the terminal event once; False if the job had already ended."""
         with self._lock:
             if self._final is not None:
@@ -187,10 +179,33 @@ class Job:
         self._finished.set()
         return True
 
-    def _progress_step(self) -> int:
-        """Decoder steps done, averaged over the job's images (so `total` is one loop's length)."""
-        done = sum(self._row_steps.values())
-        return min(self._total, done // len(self.rows))
+    @property
+    def rows_left(self) -> int:
+        """Rows not yet handed to a decoding loop."""
+        return len(self.rows) - self._next_row
+
+    def take_rows(self, limit: int) -> list[int]:
+        """Hand up to `limit` of the next rows (their indices) to a decoding loop."""
+        take = min(limit, self.rows_left)
+        taken = list(range(self._next_row, self._next_row + take))
+        self._next_row += take
+        return taken
+
+    def record_steps(self, rows: list[int], step: int) -> int:
+        """Note that `rows` reached decoder `step`; returns the job's progress: steps done,
+        averaged over its images (so it ends at one loop's length)."""
+        for r in rows:
+            self._row_steps[r] = step
+        return min(self.total_steps, sum(self._row_steps.values()) // len(self.rows))
+
+    def store_codes(self, rows: list[int], codes: np.ndarray) -> np.ndarray | None:
+        """Keep the finished codes of `rows`; once every row has its codes, return them all
+        (len(rows), image_length) in row order, else None."""
+        for r, c in zip(rows, codes):
+            self._codes[r] = c
+        if len(self._codes) < len(self.rows):
+            return None
+        return np.stack([self._codes[r] for r in range(len(self.rows))])
 
 
 @dataclass
@@ -216,9 +231,10 @@ class Scheduler:
       together (e.g. several users clicking at once) share a loop.
     """
 
-    def __init__(self, pipeline: DallePipeline, max_batch_images: int = 16, max_queue: int = 64,
-                 progress_every: int = 16, preview_every: int = 64, max_preview_images: int = 4,
-                 gather_s: float = 0.05) -> None:
+    def __init__(self, pipeline: DallePipeline, max_batch_images: int = MAX_BATCH_IMAGES,
+                 max_queue: int = MAX_QUEUE, progress_every: int = PROGRESS_EVERY,
+                 preview_every: int = PREVIEW_EVERY, max_preview_images: int = MAX_PREVIEW_IMAGES,
+                 gather_s: float = GATHER_S) -> None:
         if max_batch_images < 1 or max_queue < 1 or progress_every < 1:
             raise ValueError("max_batch_images, max_queue and progress_every must be ≥ 1")
         self.pipeline = pipeline
@@ -237,21 +253,13 @@ class Scheduler:
     # ---- public ---------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request; returns its Job at once.
+        """Queue a request (as it is: its seed is already resolved); returns its Job at once.
 
         Raises ValueError for invalid settings, QueueFullError when the queue is full and
         RuntimeError after `close()`.
         """
-        check_settings(request.num_images, request.temperature, request.top_k, request.top_p,
-                       request.cond_scale)
-        seed = request.seed if request.seed >= 0 else random_seed()
-        request = dataclasses.replace(request, seed=seed)
-        rows = [
-            ImageSpec(request.prompt, request.negative_prompt, (seed + i) % 2**31,
-                      request.temperature, request.top_k, request.top_p, request.cond_scale)
-            for i in range(request.num_images)
-        ]
-        job = Job(request, rows, self.pipeline.image_length, self)
+        check_request(request)
+        job = Job(request, self.pipeline.image_length, self._forget)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -262,16 +270,9 @@ class Scheduler:
                 )
             position = len(self._waiting)
             self._waiting.append(job)
-            job._emit(JobEvent("queued", total=self.pipeline.image_length,
-                               queue_position=position))
+            job.post(JobEvent("queued", total=self.pipeline.image_length, queue_position=position))
             self._cond.notify_all()
         return job
-
-    @property
-    def queue_size(self) -> int:
-        """Jobs waiting to start."""
-        with self._cond:
-            return len(self._waiting)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop accepting requests, fail the waiting ones and let the current loop finish."""
@@ -281,7 +282,7 @@ class Scheduler:
             self._waiting.clear()
             self._cond.notify_all()
         for job in waiting:
-            job._finish(JobEvent("error", error="The server is shutting down."))
+            job.finish(JobEvent("error", error="The server is shutting down."))
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
 
@@ -317,16 +318,13 @@ class Scheduler:
                 if job.finished:
                     self._waiting.popleft()
                     continue
-                take = min(room, len(job.rows) - job._next_row)
-                slots.append(_Slot(job, list(range(job._next_row, job._next_row + take))))
-                job._next_row += take
-                room -= take
-                if job._next_row == len(job.rows):
+                rows = job.take_rows(room)
+                slots.append(_Slot(job, rows))
+                room -= len(rows)
+                if job.rows_left == 0:
                     self._waiting.popleft()
-            for position, job in enumerate(self._waiting):
-                if position < 8:  # tell the first few how close they are
-                    job._emit(JobEvent("queued", total=self.pipeline.image_length,
-                                       queue_position=position))
+            for position, job in enumerate(list(self._waiting)[:QUEUE_UPDATES]):
+                job.post(JobEvent("queued", total=self.pipeline.image_length, queue_position=position))
         return slots
 
     def _run(self) -> None:
@@ -340,7 +338,7 @@ class Scheduler:
                 log.exception("generation failed")
                 message = _describe(e)
                 for slot in slots:
-                    slot.job._finish(JobEvent("error", error=message))
+                    slot.job.finish(JobEvent("error", error=message))
 
     def _decode_slots(self, slots: list[_Slot]) -> None:
         """Run one shared loop; on out-of-memory retry the jobs in smaller groups."""
@@ -363,13 +361,11 @@ class Scheduler:
                 return
             raise
         for slot in slots:
-            job = slot.job
-            if job.finished:
+            if slot.job.finished:
                 continue
-            for r, b in zip(slot.rows, slot.batch_rows):
-                job._codes[r] = codes[b]
-            if len(job._codes) == len(job.rows):
-                self._complete(job, timings)
+            done = slot.job.store_codes(slot.rows, codes[slot.batch_rows])
+            if done is not None:
+                self._complete(slot.job, done, timings)
 
     def _progress_interval(self) -> int:
         if self.preview_every > 0:
@@ -386,27 +382,23 @@ class Scheduler:
         if step % self.progress_every != 0 and not preview and step != total:
             return True
         for slot in alive:
-            job = slot.job
-            for r in slot.rows:
-                job._row_steps[r] = step
             images = None
             if preview and self.max_preview_images > 0:
                 chosen = slot.batch_rows[: self.max_preview_images]
                 images = self.pipeline.preview_images(partial[chosen])
-            job._emit(JobEvent("progress", step=job._progress_step(), total=total,
-                               partial_images=images))
+            slot.job.post(JobEvent("progress", step=slot.job.record_steps(slot.rows, step), total=total,
+                                   partial_images=images))
         return True
 
-    def _complete(self, job: Job, timings: dict[str, float]) -> None:
-        codes = np.stack([job._codes[r] for r in range(len(job.rows))])
+    def _complete(self, job: Job, codes: np.ndarray, timings: dict[str, float]) -> None:
         try:
             output = self.pipeline.finish([job.request.prompt], [job.rows], codes, timings,
                                           started=job.submitted_at)
         except Exception as e:
             log.exception("decoding the images failed")
-            job._finish(JobEvent("error", error=_describe(e)))
+            job.finish(JobEvent("error", error=_describe(e)))
             return
-        job._finish(JobEvent("done", step=job._total, total=job._total, result=output))
+        job.finish(JobEvent("done", step=job.total_steps, total=job.total_steps, result=output))
 
 
 def _halves(slots: list[_Slot]) -> list[list[_Slot]]:

@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 from unidecode import unidecode
 
-from dalle_app.hub import resolve_word_file
+from dalle_app.model_files import WORD_FILE
 
 # --------------------------------------------------------------------------------------------
 # Hashtag splitting (wordninja-style segmentation with the checkpoint's word frequency list)
@@ -119,7 +119,7 @@ class HashtagSplitter:
 
 
 # --------------------------------------------------------------------------------------------
-# Text normalizer (MODEL_NOTES §4.3: 25 steps, in this order)
+# Text normalizer (docs/model-notes.md §4.3: 25 steps, in this order)
 # --------------------------------------------------------------------------------------------
 
 # `<person>` (CC12M) is replaced by one of these, drawn with these weights (wiki word counts).
@@ -276,6 +276,10 @@ def load_tokenizer(folder: str | os.PathLike, max_text_length: int) -> Tokenizer
     return tokenizer
 
 
+DEFAULT_MAX_TEXT_LENGTH = 64
+"""Token length of DALL·E Mini and Mega, for a config.json that does not give one."""
+
+
 class TextProcessor:
     """Prompts → `TokenizedPrompts`, the counterpart of dalle-mini's `DalleBartProcessor`."""
 
@@ -295,17 +299,20 @@ class TextProcessor:
     ) -> "TextProcessor":
         """Build from a DalleBart folder (config.json: `normalize_text`, `max_text_length`).
 
-        The normalizer's word list is `word_file`, else the folder's own
-        `enwiki-words-frequency.txt`, else the copy in the dalle-mini/dalle-mini hub repo
-        (see `dalle_app.hub.resolve_word_file`).
+        The normalizer's word list is `word_file`, else the folder's own WORD_FILE. Nothing is
+        downloaded here: a model without its own copy needs the caller to resolve one
+        (`dalle_app.hub.resolve_word_file`).
         """
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text(encoding="utf8"))
-        max_text_length = int(config.get("max_text_length", 64))
+        max_text_length = int(config.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH))
         normalizer = None
         if config.get("normalize_text", False):
-            if word_file is None:
-                word_file = resolve_word_file(folder)
+            word_file = folder / WORD_FILE if word_file is None else Path(word_file)
+            if not word_file.is_file():
+                raise FileNotFoundError(
+                    f"the text normalizer of {folder} needs {WORD_FILE}: put it in the folder, or "
+                    "resolve it with dalle_app.hub.resolve_word_file and pass it as word_file")
             normalizer = TextNormalizer(word_file)
         return cls(load_tokenizer(folder, max_text_length), max_text_length, normalizer)
 

@@ -28,8 +28,9 @@ from PIL import Image
 
 from dalle_app import images as pngs
 from dalle_app.catalog import Catalog, ModelLoadError, ModelPool
-from dalle_app.scheduler import GenerationRequest, Job, JobEvent, QueueFullError
-from dalle_app.validation import NUMBERS, SEED_DEFAULT, ValidationError, ValidRequest, validate_request
+from dalle_app.request import DEFAULT_NUM_IMAGES, RANDOM_SEED, GenerationRequest
+from dalle_app.scheduler import Job, JobEvent, QueueFullError
+from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,11 @@ CONCURRENCY = 256
 """Generate events running at once. A running event only awaits its scheduler job (no thread),
 so this is well above the scheduler's own bound: every request reaches the scheduler, which
 batches those waiting into its next decoding loop and answers BUSY_MESSAGE beyond its queue
-(64 waiting jobs per model)."""
+(scheduler.MAX_QUEUE waiting jobs per model)."""
 MAX_QUEUE = 64
 """Events Gradio holds beyond CONCURRENCY (a safety net; clients then see "Queue is full")."""
 GRID_MAX_AGE_S = 900
+"""Grid PNGs older than this are deleted (Gradio has copied them into its own cache by then)."""
 
 EXAMPLES = [
     "a red square above a blue circle",
@@ -52,6 +54,12 @@ EXAMPLES = [
 ]
 
 CSS = ".notice {font-size: 0.9em}"
+
+SLIDER_STEP = 0.05
+"""Step (and lowest value) of the temperature and top-p sliders; the API accepts any valid value."""
+MAX_SLIDER_TEMPERATURE = 3.0
+MAX_SLIDER_TOP_K = 1024
+COND_SCALE_STEP = 0.5
 
 
 def _error(message: str) -> gr.Error:
@@ -103,7 +111,7 @@ class Handlers:
         self.pool = pool
         self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
 
-    def validate(self, *values: Any) -> ValidRequest:
+    def validate(self, *values: Any) -> GenerationRequest:
         try:
             return validate_request(
                 *values, models=self.catalog.usability(), default_model=self.catalog.default,
@@ -112,24 +120,13 @@ class Handlers:
         except ValidationError as e:
             raise _error(str(e)) from None
 
-    async def _submit(self, request: ValidRequest) -> Job:
+    async def _submit(self, request: GenerationRequest) -> Job:
         try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
             scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
         except ModelLoadError as e:
             raise _error(str(e)) from None
         try:
-            return scheduler.submit(
-                GenerationRequest(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    num_images=request.num_images,
-                    seed=request.seed,
-                    temperature=request.temperature,
-                    top_k=request.top_k,
-                    top_p=request.top_p,
-                    cond_scale=request.cond_scale,
-                )
-            )
+            return scheduler.submit(request)
         except QueueFullError:
             raise _error(BUSY_MESSAGE) from None
         except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
@@ -140,8 +137,8 @@ class Handlers:
         prompt: str,
         negative_prompt: str | None = None,
         model: str | None = None,
-        num_images: int = 9,
-        seed: int = SEED_DEFAULT,
+        num_images: int = DEFAULT_NUM_IMAGES,
+        seed: int = RANDOM_SEED,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -171,7 +168,7 @@ class Handlers:
                         yield partial, {**summary, "status": "generating", "step": event.step, "total": event.total}
                 elif event.kind == "done":
                     finished = True
-                    yield self._final(request, job, event)
+                    yield self._final(request, event)
                 else:  # "error" or "cancelled": the job is over
                     finished = True
                     raise _error(event.error or "Generation failed.")
@@ -184,7 +181,7 @@ class Handlers:
             if not finished:
                 job.cancel()
 
-    def _final(self, request: ValidRequest, job: Job, event: JobEvent) -> tuple[list, dict[str, Any]]:
+    def _final(self, request: GenerationRequest, event: JobEvent) -> tuple[list, dict[str, Any]]:
         output = event.result
         assert output is not None
         ranked = output.images[0]  # the pipeline ranks by CLIP score, best first
@@ -192,7 +189,7 @@ class Handlers:
         if any(output.truncated):
             notices.append("The prompt is longer than the model's text length; its end was ignored.")
             gr.Warning(notices[-1])
-        params = request.parameters() | {"seed": job.seed}
+        params = request.parameters()
         scores = [score_value(g.score) for g in ranked]
         gallery = [
             (
@@ -253,7 +250,7 @@ class Handlers:
     def model_changed(self, model: str | None) -> tuple[str, float, int, float, float]:
         """On a new model choice: its status line, and the sliders set to its recommended settings."""
         d = self.catalog.sampling_defaults(model or self.catalog.default)
-        return self.model_status(model), d["temperature"], d["top_k"], d["top_p"], d["cond_scale"]
+        return self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale
 
 
 def availability_markdown(catalog: Catalog) -> str:
@@ -285,14 +282,15 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 model = gr.Dropdown(choices=catalog.choices(), value=catalog.default, label="Model",
                                     elem_id="model", scale=2)
                 num_images = gr.Slider(n.minimum, n.maximum, value=n.default, step=1, label="Number of images")
-                seed = gr.Number(value=SEED_DEFAULT, precision=0, label="Seed (-1 = random)")
+                seed = gr.Number(value=RANDOM_SEED, precision=0, label="Seed (-1 = random)")
             model_info = gr.Markdown(h.model_status(catalog.default), elem_classes="notice")
             gr.Markdown(availability_markdown(catalog), elem_classes="notice")
             with gr.Row():
-                temperature = gr.Slider(0.05, 3.0, value=start["temperature"], step=0.05, label="Temperature")
-                top_k = gr.Slider(k.minimum, 1024, value=start["top_k"], step=1, label="Top-k")
-                top_p = gr.Slider(0.05, p.maximum, value=start["top_p"], step=0.05, label="Top-p")
-                cond_scale = gr.Slider(c.minimum, c.maximum, value=start["cond_scale"], step=0.5,
+                temperature = gr.Slider(SLIDER_STEP, MAX_SLIDER_TEMPERATURE, value=start.temperature,
+                                        step=SLIDER_STEP, label="Temperature")
+                top_k = gr.Slider(k.minimum, MAX_SLIDER_TOP_K, value=start.top_k, step=1, label="Top-k")
+                top_p = gr.Slider(SLIDER_STEP, p.maximum, value=start.top_p, step=SLIDER_STEP, label="Top-p")
+                cond_scale = gr.Slider(c.minimum, c.maximum, value=start.cond_scale, step=COND_SCALE_STEP,
                                        label="Condition scale")
         gallery = gr.Gallery(
             label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",

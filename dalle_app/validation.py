@@ -12,19 +12,26 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import secrets
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import emoji
 
+from dalle_app.request import (
+    DEFAULT_NUM_IMAGES,
+    DEFAULT_SAMPLING,
+    MAX_SEED,
+    RANDOM_SEED,
+    SAMPLING_FIELDS,
+    GenerationRequest,
+    SamplingSettings,
+    random_seed,
+)
+
 MAX_PROMPT_CHARS = 1000
 """Longer prompts are cut here (with a notice) before tokenization; the model's text processor
 then truncates to its own token length (64 for mini and mega) and reports that too."""
-
-MAX_SEED = 2**31 - 1  # the scheduler gives image i the seed (seed + i) mod 2**31
-RANDOM_SEED = -1
 
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _WHITESPACE_RUN = re.compile(r"\s+")
@@ -56,62 +63,27 @@ class NumberSpec:
 NUMBERS: dict[str, NumberSpec] = {
     spec.name: spec
     for spec in (
-        NumberSpec("num_images", 9, 1, 16, integer=True),
-        NumberSpec("temperature", 1.0, 0.0, 5.0, above=True),
-        NumberSpec("top_k", 50, 1, 16384, integer=True),
-        NumberSpec("top_p", 1.0, 0.0, 1.0, above=True),
-        NumberSpec("cond_scale", 10.0, 1.0, 30.0),
+        NumberSpec("num_images", DEFAULT_NUM_IMAGES, 1, 16, integer=True),
+        NumberSpec("temperature", DEFAULT_SAMPLING.temperature, 0.0, 5.0, above=True),
+        NumberSpec("top_k", DEFAULT_SAMPLING.top_k, 1, 16384, integer=True),
+        NumberSpec("top_p", DEFAULT_SAMPLING.top_p, 0.0, 1.0, above=True),
+        NumberSpec("cond_scale", DEFAULT_SAMPLING.cond_scale, 1.0, 30.0),
     )
 }
-"""Ranges of the numeric parameters; defaults are the original DALL·E Mini ones (a model may
-recommend others: `sampling_defaults`)."""
-
-SAMPLING = ("temperature", "top_k", "top_p", "cond_scale")
+"""Ranges of the numeric parameters; the defaults are the request record's."""
 
 
-def sampling_defaults(recommended: Mapping[str, float] | None = None) -> dict[str, int | float]:
+def sampling_defaults(recommended: Mapping[str, float] | None = None) -> SamplingSettings:
     """The sampling settings to use when a request leaves them out: DALL·E Mini's, overridden by
     what the model recommends (values outside the allowed ranges are ignored)."""
-    out: dict[str, int | float] = {name: check_number(None, NUMBERS[name]) for name in SAMPLING}
+    out: dict[str, int | float] = {}
     for name, value in (recommended or {}).items():
-        if name in out:
+        if name in SAMPLING_FIELDS:
             try:
                 out[name] = check_number(value, NUMBERS[name])
             except ValidationError:
                 pass
-    return out
-
-SEED_DEFAULT = RANDOM_SEED
-
-
-@dataclass(frozen=True)
-class ValidRequest:
-    """A generation request whose every field has been checked (seed already resolved)."""
-
-    prompt: str
-    negative_prompt: str
-    model: str
-    num_images: int
-    seed: int
-    temperature: float
-    top_k: int
-    top_p: float
-    cond_scale: float
-    notices: tuple[str, ...] = field(default=())
-
-    def parameters(self) -> dict[str, Any]:
-        """The sampling parameters as plain JSON values (for summaries and PNG metadata)."""
-        return {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "model": self.model,
-            "num_images": self.num_images,
-            "seed": self.seed,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "cond_scale": self.cond_scale,
-        }
+    return SamplingSettings(**out)
 
 
 def _fmt(x: float) -> str:
@@ -238,10 +210,6 @@ def check_model(value: Any, models: Mapping[str, str | None], default: str) -> s
     return value
 
 
-def random_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
-
-
 def validate_request(
     prompt: Any,
     negative_prompt: Any = "",
@@ -257,7 +225,7 @@ def validate_request(
     default_model: str,
     draw_seed: Callable[[], int] = random_seed,
     recommended: Mapping[str, Mapping[str, float]] | None = None,
-) -> ValidRequest:
+) -> GenerationRequest:
     """Check every parameter of one request; raise ValidationError naming the first bad one.
 
     Sampling settings left out (None) take the chosen model's `recommended` ones (by model name),
@@ -269,15 +237,15 @@ def validate_request(
     chosen_seed = check_seed(seed, draw_seed)
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cond_scale": cond_scale}
     fallback = sampling_defaults((recommended or {}).get(chosen))
-    sampling = {name: check_number(fallback[name] if value is None else value, NUMBERS[name])
+    sampling = {name: check_number(getattr(fallback, name) if value is None else value, NUMBERS[name])
                 for name, value in given.items()}
-    return ValidRequest(
+    return GenerationRequest(
         prompt=text,
         negative_prompt=negative,
         model=chosen,
         num_images=count,
         seed=chosen_seed,
-        **sampling,
+        sampling=SamplingSettings(**sampling),
         notices=tuple(notices + negative_notices),
     )
 

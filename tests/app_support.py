@@ -18,6 +18,19 @@ from typing import Iterator
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
 
+def read_metadata(path: Path) -> dict:
+    """The parameters a PNG written by the app carries (its `parameters` text chunk, as JSON)."""
+    from PIL import Image
+
+    from dalle_app.images import METADATA_KEY
+
+    with Image.open(path) as image:
+        image.load()
+        text = getattr(image, "text", {}) or {}
+    assert METADATA_KEY in text, f"{path} has no {METADATA_KEY!r} text chunk"
+    return json.loads(text[METADATA_KEY])
+
+
 def make_tiny_models(root: Path) -> dict[str, str]:
     """Write the tiny model set under `root`; returns the parts of a catalog entry."""
     import numpy as np

@@ -150,7 +150,7 @@ def test_progress_then_previews_then_stop_cancels(page, app_url, tmp_path):
         expect(page.locator("#gallery").get_by_text("preview").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(tmp_path / "preview.png"))
         page.get_by_role("button", name="Stop").click()
-        assert poll(page, lambda: job.finished, 30) and job.cancelled, "Stop did not cancel the scheduler job"
+        assert poll(page, lambda: job.finished, 30), "Stop did not end the scheduler job"
     finally:
         gate.set()
     with pytest.raises(JobCancelled):  # the job ended as cancelled: no ranked result will ever come

@@ -13,7 +13,7 @@ from PIL import Image
 from dalle_app import cli
 from dalle_app import images as pngs
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, load_scheduler
-from tests.app_support import make_tiny_models, tiny_model_spec
+from tests.app_support import make_tiny_models, read_metadata, tiny_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_cli_writes_a_grid_png_with_the_prompt_and_parameters(pool, tmp_path, ca
                      "--negative-prompt", "green", "--temperature", "0.8", "--cond-scale", "4", "--out", str(out),
                      "--save-images", str(tmp_path / "each")], pool=pool)
     assert code == 0
-    meta = pngs.read_metadata(out)
+    meta = read_metadata(out)
     assert meta["prompt"] == "a red square above a blue circle" and meta["negative_prompt"] == "green"
     settings = tuple(meta[k] for k in ("num_images", "seed", "top_k", "temperature", "cond_scale"))
     assert settings == (3, 11, 20, 0.8, 4.0)
@@ -43,7 +43,7 @@ def test_cli_writes_a_grid_png_with_the_prompt_and_parameters(pool, tmp_path, ca
         assert grid.text[pngs.PROMPT_KEY] == "a red square above a blue circle"
         assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     singles = sorted((tmp_path / "each").glob("*.png"))
-    assert len(singles) == 3 and pngs.read_metadata(singles[0])["rank"] == 1
+    assert len(singles) == 3 and read_metadata(singles[0])["rank"] == 1
     printed = capsys.readouterr()
     lines = printed.out.strip().splitlines()
     assert len(lines) == 3 and all(f"seed {s}" in line for s, line in zip(meta["seeds"], lines))
@@ -90,7 +90,7 @@ def test_python_dash_m_with_a_model_folder(tiny, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert pngs.read_metadata(out)["seeds"] in ([5, 6], [6, 5])
+    assert read_metadata(out)["seeds"] in ([5, 6], [6, 5])
     assert "seed 5" in done.stdout and "seed 6" in done.stdout
 
 
@@ -99,7 +99,7 @@ def test_grid_shape_and_unicode_metadata(tmp_path):
         (1, 1), (2, 1), (2, 2), (2, 2), (3, 3), (4, 3), (4, 4)]
     tiles = [Image.new("RGB", (8, 8), c) for c in ("red", "blue", "green")]
     path = pngs.save_png(pngs.make_grid(tiles, padding=0), tmp_path / "g.png", {"prompt": "مربع أحمر 🟥"})
-    assert pngs.read_metadata(path) == {"prompt": "مربع أحمر 🟥"}
+    assert read_metadata(path) == {"prompt": "مربع أحمر 🟥"}
     with Image.open(path) as im:
         assert im.getpixel((0, 0)) == (255, 0, 0) and im.getpixel((12, 0)) == (0, 0, 255)
         assert im.getpixel((12, 12)) == (255, 255, 255)  # the empty fourth cell

@@ -8,6 +8,7 @@ HF_HUB_OFFLINE → True) rather than the environment.
 from __future__ import annotations
 
 import fnmatch
+import json
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def test_word_file_comes_from_the_mini_repo_for_mega(offline_cache: Path) -> Non
     assert hub.resolve_model("mega") == mega
     assert hub.resolve_word_file(mega) == mini / hub.WORD_FILE
     assert hub.resolve_word_file(DALLE) == DALLE / hub.WORD_FILE  # a folder's own copy first
+    assert hub.normalizer_word_file(mega) == mini / hub.WORD_FILE  # mega normalizes its prompts
+
+
+def test_a_model_that_does_not_normalize_needs_no_word_file(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    shutil.copytree(DALLE, folder, ignore=shutil.ignore_patterns("expected*", hub.WORD_FILE))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "normalize_text": False}))
+    assert hub.normalizer_word_file(folder) is None
 
 
 def test_offline_without_the_word_file_is_explained(offline_cache: Path) -> None:
@@ -227,3 +237,13 @@ def test_recommended_settings_come_from_a_local_generation_config(tmp_path: Path
     assert hub.recommended_settings("mini") == {}  # hub models: DALL·E Mini's defaults, nothing downloaded
     shipped = hub.recommended_settings(None)
     assert set(shipped) == {"temperature", "top_k", "top_p", "cond_scale"}
+
+
+def test_the_hub_does_not_import_validation() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, dalle_app.hub; print('dalle_app.validation' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stdout.strip() == "False"

@@ -12,8 +12,9 @@ import pytest
 
 from dalle_app import runtime
 from dalle_app.pipeline import (
-    DallePipeline, ImageSpec, ModelMismatchError, PipelineOutput, clear_pipeline_cache,
+    DallePipeline, ImageSpec, ModelMismatchError, PipelineOutput, image_rows,
 )
+from dalle_app.request import GenerationRequest, SamplingSettings
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
@@ -52,6 +53,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "vqgan_5x5": _vqgan(root / "vqgan_5x5", 20, 64)}
 
 
+def row(prompt: str, negative_prompt: str = "", seed: int = 0, **sampling: float) -> ImageSpec:
+    """One image of a one-image request with these settings."""
+    request = GenerationRequest(prompt, negative_prompt, num_images=1, seed=seed,
+                                sampling=SamplingSettings(**sampling))
+    return image_rows(request)[0]
+
+
 @pytest.fixture(scope="module")
 def pipe(models: dict[str, Path]) -> DallePipeline:
     return DallePipeline.from_pretrained(models["dalle"], models["vqgan"], models["clip"],
@@ -59,10 +67,7 @@ def pipe(models: dict[str, Path]) -> DallePipeline:
 
 
 def test_end_to_end(pipe: DallePipeline) -> None:
-    events = []
-    out = pipe(["a red bus", "two cats"], num_images=3, seed=11, top_k=20,
-               progress=lambda step, total, images: events.append((step, total, images)),
-               progress_every=4, preview_every=8)
+    out = pipe(["a red bus", "two cats"], num_images=3, seed=11, top_k=20)
     assert isinstance(out, PipelineOutput) and out.prompts == ["a red bus", "two cats"]
     assert [len(group) for group in out.images] == [3, 3]
     assert sorted(g.seed for g in out.images[0]) == [11, 12, 13]
@@ -75,9 +80,6 @@ def test_end_to_end(pipe: DallePipeline) -> None:
             assert g.codes.shape == (16,) and 0 <= g.codes.min() and g.codes.max() < 64
     assert set(out.timings) == {"encode_s", "generate_s", "decode_s", "clip_s", "total_s"}
     assert out.normalized[0].strip() == "a red bus" and out.truncated == [False, False]
-    assert [e[0] for e in events] == [4, 8, 12, 16] and all(e[1] == 16 for e in events)
-    previews = [e[2] for e in events if e[2] is not None]
-    assert len(previews) == 1 and len(previews[0]) == 6 and previews[0][0].size == (16, 16)
     # an image regenerated alone from its reported seed is the same image
     best = out.images[1][0]
     again = pipe("two cats", num_images=1, seed=best.seed, top_k=20)
@@ -87,24 +89,22 @@ def test_end_to_end(pipe: DallePipeline) -> None:
 
 def test_batched_rows_equal_rows_alone(pipe: DallePipeline) -> None:
     """Different prompts and settings in one loop give each image what it gets alone."""
-    rows = [ImageSpec("a red bus", seed=3), ImageSpec("two cats", "blurry", seed=4, top_k=5, top_p=0.9),
-            ImageSpec("a red bus", seed=5, temperature=0.5, cond_scale=3.0)]
+    rows = [row("a red bus", seed=3), row("two cats", "blurry", seed=4, top_k=5, top_p=0.9),
+            row("a red bus", seed=5, temperature=0.5, cond_scale=3.0)]
     together, timings = pipe.generate_codes(rows)
     assert set(timings) == {"encode_s", "generate_s"}
-    for row, codes in zip(rows, together):
-        np.testing.assert_array_equal(pipe.generate_codes([row])[0][0], codes)
+    for one, codes in zip(rows, together):
+        np.testing.assert_array_equal(pipe.generate_codes([one])[0][0], codes)
 
 
 def test_negative_prompt_changes_only_the_unconditional_branch(pipe: DallePipeline) -> None:
     """With cond_scale 1 the guided logits are the conditional ones, so a negative prompt
     cannot change greedy codes; with guidance it does."""
-    plain = [ImageSpec(p, seed=1, top_k=1, cond_scale=1.0) for p in ("a red bus", "two cats")]
-    negative = [ImageSpec(r.prompt, "blurry photo", r.seed, r.temperature, r.top_k, r.top_p, r.cond_scale)
-                for r in plain]
+    plain = [row(p, seed=1, top_k=1, cond_scale=1.0) for p in ("a red bus", "two cats")]
+    negative = [row(p, "blurry photo", seed=1, top_k=1, cond_scale=1.0) for p in ("a red bus", "two cats")]
     np.testing.assert_array_equal(pipe.generate_codes(plain)[0], pipe.generate_codes(negative)[0])
-    guided = [ImageSpec(p, seed=1, top_k=1, cond_scale=10.0) for p in ("a red bus", "two cats")]
-    guided_negative = [ImageSpec(r.prompt, "blurry photo", r.seed, r.temperature, r.top_k, r.top_p,
-                                 r.cond_scale) for r in guided]
+    guided = [row(p, seed=1, top_k=1, cond_scale=10.0) for p in ("a red bus", "two cats")]
+    guided_negative = [row(p, "blurry photo", seed=1, top_k=1, cond_scale=10.0) for p in ("a red bus", "two cats")]
     assert not np.array_equal(pipe.generate_codes(guided)[0], pipe.generate_codes(guided_negative)[0])
 
 
@@ -112,14 +112,18 @@ def test_stop_from_progress(pipe: DallePipeline) -> None:
     from dalle_app.pipeline import GenerationStopped
 
     with pytest.raises(GenerationStopped):
-        pipe.generate_codes([ImageSpec("a red bus")], progress=lambda *_: False, progress_every=4)
+        pipe.generate_codes([row("a red bus")], progress=lambda *_: False, progress_every=4)
 
 
-def test_cache_and_checks(models: dict[str, Path], pipe: DallePipeline,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
-    same = DallePipeline.from_pretrained(models["dalle"], models["vqgan"], models["clip"],
-                                         batch_buckets=(1, 4, 8), warmup=())
-    assert same is pipe
+def test_image_rows_follow_the_seed_rule() -> None:
+    request = GenerationRequest("a red bus", num_images=3, seed=2**31 - 2)
+    assert [r.seed for r in image_rows(request)] == [2**31 - 2, 2**31 - 1, 0]
+    assert [r.seed for r in image_rows(request, first=3)] == [1, 2, 3]
+    assert all(r.request is request for r in image_rows(request))
+
+
+def test_warmup_and_checks(models: dict[str, Path], pipe: DallePipeline,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
     pipe.warmup([1])
     runs: list[int] = []
     generate_codes = pipe.generate_codes
@@ -151,4 +155,3 @@ def test_half_precision_and_no_clip(models: dict[str, Path]) -> None:
     out = pipe16("a red bus", num_images=2, seed=0)
     assert [np.isnan(g.score) for g in out.images[0]] == [True, True]
     assert [g.seed for g in out.images[0]] == [0, 1]  # unranked: sampling order
-    clear_pipeline_cache()

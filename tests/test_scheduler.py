@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from dalle_app.pipeline import GenerationStopped, ImageSpec, PipelineOutput
-from dalle_app.scheduler import (
-    GenerationRequest, JobCancelled, JobFailed, QueueFullError, Scheduler,
-)
+from dalle_app.request import GenerationRequest, SamplingSettings
+from dalle_app.scheduler import JobCancelled, JobFailed, QueueFullError, Scheduler
 
 LENGTH = 8
 
@@ -106,18 +105,20 @@ def test_queue_full_and_random_seed() -> None:
     pipe = FakePipeline()
     pipe.gate.clear()
     with _scheduler(pipe, max_queue=2) as scheduler:
-        running = scheduler.submit(GenerationRequest("run", num_images=1, seed=-1))
+        running = scheduler.submit(GenerationRequest("run", num_images=1))  # seed drawn by the record
         assert pipe.started.wait(5)
         waiting = [scheduler.submit(GenerationRequest("w", num_images=1)) for _ in range(2)]
         with pytest.raises(QueueFullError, match="busy"):
             scheduler.submit(GenerationRequest("one too many"))
-        assert scheduler.queue_size == 2
         pipe.gate.set()
         for job in [running] + waiting:
             job.result(10)
-        assert 0 <= running.seed < 2**31
+        assert 0 <= running.request.seed < 2**31
+        assert running.result(10).images[0][0].seed == running.request.seed
         with pytest.raises(ValueError, match="top_p"):
-            scheduler.submit(GenerationRequest("bad", top_p=2.0))
+            scheduler.submit(GenerationRequest("bad", sampling=SamplingSettings(top_p=2.0)))
+        with pytest.raises(ValueError, match="seed"):
+            scheduler.submit(GenerationRequest("bad", seed=-1))
 
 
 def test_cancel_waiting_and_running_jobs() -> None:
@@ -141,8 +142,8 @@ def test_cancel_waiting_and_running_jobs() -> None:
         # a job submitted after the cancelled one is decoded: the queue has moved past it
         after = scheduler.submit(GenerationRequest("after", num_images=1, seed=5))
         assert after.result(10).images[0][0].seed == 5
-    assert any(r.prompt == "after" for loop in pipe.loops for r in loop)
-    assert all(r.prompt != "wait" for loop in pipe.loops for r in loop)  # the cancelled job: never decoded
+    assert any(r.request.prompt == "after" for loop in pipe.loops for r in loop)
+    assert all(r.request.prompt != "wait" for loop in pipe.loops for r in loop)  # the cancelled job: never decoded
 
 
 def test_fully_cancelled_loop_stops_early() -> None:
@@ -162,7 +163,7 @@ def test_fully_cancelled_loop_stops_early() -> None:
 
 def test_errors_reach_only_the_affected_jobs_and_the_worker_survives() -> None:
     pipe = FakePipeline()
-    pipe.fail = lambda rows: RuntimeError("boom") if any(r.prompt == "bad" for r in rows) else None
+    pipe.fail = lambda rows: RuntimeError("boom") if any(r.request.prompt == "bad" for r in rows) else None
     with _scheduler(pipe, gather_s=0.0) as scheduler:
         bad = scheduler.submit(GenerationRequest("bad", num_images=1))
         with pytest.raises(JobFailed, match="boom"):
@@ -199,12 +200,16 @@ def test_scheduler_with_the_real_pipeline(tmp_path) -> None:
     pipe = DallePipeline.from_pretrained(dalle, _vqgan(tmp_path / "vqgan", 16, 64), _clip(tmp_path / "clip"),
                                          batch_buckets=(4,), warmup=())
     requests = [GenerationRequest("a red bus", num_images=2, seed=3),
-                GenerationRequest("two cats", "blurry", num_images=2, seed=8, top_k=5)]
+                GenerationRequest("two cats", "blurry", num_images=2, seed=8, sampling=SamplingSettings(top_k=5))]
     with Scheduler(pipe, progress_every=4, preview_every=8, gather_s=0.3) as scheduler:
         jobs = [scheduler.submit(r) for r in requests]
+        events = list(jobs[0].events(timeout=300))
         outputs = [job.result(300) for job in jobs]
+    previews = [e.partial_images for e in events if e.kind == "progress" and e.partial_images]
+    assert [e.step for e in events if e.kind == "progress"] == [4, 8, 12, 16]
+    assert len(previews) == 1 and len(previews[0]) == 2 and previews[0][0].size == (16, 16)
     for request, output in zip(requests, outputs):
-        alone = pipe(request.prompt, num_images=2, seed=request.seed, top_k=request.top_k,
+        alone = pipe(request.prompt, num_images=2, seed=request.seed, top_k=request.sampling.top_k,
                      negative_prompt=request.negative_prompt)
         got = {g.seed: g.codes for g in output.images[0]}
         want = {g.seed: g.codes for g in alone.images[0]}

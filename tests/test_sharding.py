@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
     from dalle_app import runtime
     from dalle_app.models.dallebart import load_dallebart
     from dalle_app.models.vqgan import VQGANConfig, build_vqgan, init_params, VQGAN
-    from dalle_app.pipeline import DallePipeline, ImageSpec
+    from dalle_app.pipeline import DallePipeline, image_rows
+    from dalle_app.request import GenerationRequest, SamplingSettings
     from dalle_app.text import TextProcessor
 
     runtime.configure(cache_dir=False)
@@ -33,8 +34,12 @@ SCRIPT = textwrap.dedent("""
 
     sharded, single = pipeline(None), pipeline(jax.local_devices()[:1])
     assert sharded.sampler.num_devices == 2 and single.sampler.num_devices == 1
-    rows = [ImageSpec("a cat", seed=1), ImageSpec("a dog", "blurry", seed=2, top_k=5),
-            ImageSpec("a cat", seed=3, top_p=0.8, temperature=0.7)]
+    def row(prompt, negative="", seed=0, **sampling):
+        request = GenerationRequest(prompt, negative, num_images=1, seed=seed, sampling=SamplingSettings(**sampling))
+        return image_rows(request)[0]
+
+    rows = [row("a cat", seed=1), row("a dog", "blurry", seed=2, top_k=5),
+            row("a cat", seed=3, top_p=0.8, temperature=0.7)]
     for n in (3,):
         a, _ = sharded.generate_codes(rows[:n])
         b, _ = single.generate_codes(rows[:n])

@@ -174,3 +174,22 @@ def test_missing_tokenizer_file_is_named(tmp_path: Path) -> None:
     shutil.copy(TINY / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         TextProcessor.from_pretrained(tmp_path, word_file=TINY / "enwiki-words-frequency.txt")
+
+
+def test_a_normalizing_model_without_its_word_file_is_named_not_downloaded(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(TINY, folder, ignore=shutil.ignore_patterns("*.msgpack", "*.npz", "enwiki*"))
+    with pytest.raises(FileNotFoundError, match=text.WORD_FILE):
+        TextProcessor.from_pretrained(folder)
+    given = TextProcessor.from_pretrained(folder, word_file=TINY / text.WORD_FILE)
+    assert given(["A DOG!!!"]).normalized == [" a dog"]
+
+
+def test_tokenizing_never_imports_the_hub() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, dalle_app.text; print('dalle_app.hub' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stdout.strip() == "False"

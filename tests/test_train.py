@@ -16,7 +16,7 @@ import pytest
 
 from dalle_app.data import batch as data_batch
 from dalle_app.train.common import OptimConfig, learning_rate
-from dalle_app.train.text import plain_normalize
+from dalle_app.train.text_training import plain_normalize
 from dalle_app.train.tokenizers import build_bart_tokenizer, build_clip_tokenizer, write_word_frequencies
 
 CAPTIONS = [c for c in data_batch(123, 400, "train").captions]
@@ -118,6 +118,7 @@ def test_exported_folders_load_through_the_app_loaders(tiny_run: tuple[Path, Pat
     assets = tiny_run[1]
     config = json.loads((assets / "dalle-embedded" / "config.json").read_text())
     assert config["model_type"] == "dallebart" and config["normalize_text"] is True
+    assert config["use_scan"] is True  # stacked layers, as the original reads them
     assert config["activation_function"] == "gelu_new"  # the profile's choice reaches config.json
     assert any("FlaxBartDecoderLayers" in k for k in flatten(read_msgpack(assets / "dalle-embedded" / "flax_model.msgpack")))
     dalle = load_dallebart(assets / "dalle-embedded")
@@ -140,7 +141,7 @@ def test_exported_folders_load_through_the_app_loaders(tiny_run: tuple[Path, Pat
 def test_interrupted_dallebart_resumes_to_the_same_weights(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     from dalle_app.models.dallebart import load_dallebart
     from dalle_app.models.vqgan import load_vqgan
-    from dalle_app.train.dallebart import train_dallebart
+    from dalle_app.train.dallebart_training import train_dallebart
     from dalle_app.train.profiles import PROFILES
 
     out, _ = tiny_run
@@ -170,7 +171,7 @@ def test_wrong_captions_contradict_the_scene_and_name_no_heldout_combination() -
     from dalle_app.data import COLORS, SHAPES, is_heldout_pair, sample
     from dalle_app.data.captions import RELATION_WORDS
     from dalle_app.data.world import is_heldout_triple
-    from dalle_app.train.clip import wrong_caption
+    from dalle_app.train.clip_training import wrong_caption
 
     def named(caption: str) -> list[tuple[str, str]]:
         words = caption.split()
@@ -211,7 +212,7 @@ def test_near_miss_images_contradict_their_caption_and_stay_in_training() -> Non
     from dalle_app.data import Prompt, Target, is_heldout_pair, sample
     from dalle_app.data.captions import SIZE_WORDS
     from dalle_app.oracle import detect, matches, satisfies
-    from dalle_app.train.clip import near_miss
+    from dalle_app.train.clip_training import near_miss
 
     rng = np.random.default_rng(0)
     sizes = {w for options in SIZE_WORDS.values() for w in options}
@@ -234,7 +235,7 @@ def test_analogy_quadruples_cross_two_colours_with_two_shapes_of_training_pairs(
     one background: the four differ in colour and shape only."""
     from dalle_app.data import is_heldout_pair
     from dalle_app.oracle import detect
-    from dalle_app.train.clip import analogy_quads
+    from dalle_app.train.clip_training import analogy_quads
 
     quads = analogy_quads(12, np.random.default_rng(0))
     assert quads.shape == (48, 64, 64, 3)
@@ -255,7 +256,7 @@ def test_analogy_loss_adds_the_parallelogram_residual_of_the_quadruples() -> Non
     from dalle_app.hub import EMBEDDED_FOLDERS
     from dalle_app.models.clip import build_clip, init_params
     from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_tokenizer
-    from dalle_app.train.clip import loss_and_metrics, model_config, model_inputs, render_batch
+    from dalle_app.train.clip_training import loss_and_metrics, model_config, model_inputs, render_batch
 
     tokenizer = load_clip_tokenizer(EMBEDDED_FOLDERS["clip"], 32)
     module = build_clip(model_config(tokenizer.vocab_size, width=32, layers=1))
@@ -278,7 +279,7 @@ def test_object_weights_mark_the_drawn_shapes() -> None:
 
     from dalle_app.data import ObjectSpec
     from dalle_app.data.shapes import render
-    from dalle_app.train.vqgan import object_weights
+    from dalle_app.train.vqgan_training import object_weights
 
     rng = np.random.default_rng(0)
     image = render([ObjectSpec("blue", "square", "large", (20.0, 20.0))], [20.0], rng)
@@ -290,7 +291,7 @@ def test_object_weights_mark_the_drawn_shapes() -> None:
 def test_mosaics_move_whole_cells_and_the_locality_loss_sees_moved_vectors() -> None:
     import jax.numpy as jnp
 
-    from dalle_app.train.vqgan import locality_loss, shuffle_cells
+    from dalle_app.train.vqgan_training import locality_loss, shuffle_cells
 
     x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
     order = np.array([3, 0, 2, 1])  # 2x2 cells of 4x4 pixels
@@ -322,7 +323,7 @@ def test_export_falls_back_to_float16_over_the_size_limit(tiny_run: tuple[Path, 
     from dalle_app.models.dallebart import load_dallebart
     from dalle_app.models.vqgan import load_vqgan
     from dalle_app.models.weights import flatten, read_msgpack, read_safetensors
-    from dalle_app.train.pipeline import export
+    from dalle_app.train.phases import export
 
     fp32 = export(tiny_run[0], tmp_path / "fp32")
     fp16 = export(tiny_run[0], tmp_path / "fp16", max_bytes=1)
@@ -389,7 +390,7 @@ def test_decoder_positions_train_as_rows_plus_columns_and_export_as_one_table() 
 
     from dalle_app.models.dallebart import DalleBart
     from dalle_app.models.weights import flatten
-    from dalle_app.train.dallebart import model_config, to_grid_positions, with_position_table
+    from dalle_app.train.dallebart_training import model_config, to_grid_positions, with_position_table
     from dalle_app.train.profiles import PROFILES
 
     vq = PROFILES["tiny"].vqgan_model
@@ -453,7 +454,7 @@ def test_outline_weights_mark_codes_unlike_the_one_above_and_leave_the_reported_
     import jax.numpy as jnp
 
     from dalle_app.models.dallebart import DalleBart
-    from dalle_app.train.dallebart import code_weights, make_loss, model_config
+    from dalle_app.train.dallebart_training import code_weights, make_loss, model_config
     from dalle_app.train.profiles import PROFILES
 
     grid = np.zeros((1, 4, 4), np.int32)

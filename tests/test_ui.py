@@ -15,6 +15,7 @@ from dalle_app import images as pngs
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry, short_reason
 from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
+from tests.app_support import read_metadata
 
 
 def tile(value: int) -> Image.Image:
@@ -27,7 +28,6 @@ class ScriptedJob:
     def __init__(self, request, events, hold: threading.Event | None = None):
         self.request, self._events, self.hold = request, events, hold
         self.cancelled = threading.Event()
-        self.seed = request.seed
 
     def events(self):
         for event in self._events:
@@ -104,10 +104,11 @@ def test_generate_streams_previews_then_the_ranked_gallery(tmp_path):
         assert meta["seed"] == seed and meta["prompt"] == "a red square" and meta["rank"] == rank
     assert summary["model"] == "embedded" and summary["timings"] == {"total_s": 0.5}
     # left-out sampling settings are the embedded model's recommended ones (its generation_config.json)
-    assert summary["parameters"]["cond_scale"] == h.catalog.sampling_defaults("embedded")["cond_scale"] == 1.5
+    assert summary["parameters"]["cond_scale"] == h.catalog.sampling_defaults("embedded").cond_scale == 1.5
     assert summary["status"] == "done"
     request = scheduler.jobs[0].request
-    assert (request.prompt, request.num_images, request.seed, request.top_k) == ("a red square", 4, 100, 50)
+    assert (request.prompt, request.num_images, request.seed, request.sampling.top_k) == ("a red square", 4, 100, 50)
+    assert summary["parameters"] == request.parameters()  # the validated record, unchanged
 
 
 @pytest.mark.parametrize(
@@ -188,7 +189,7 @@ def test_grid_download_writes_one_png_with_the_parameters(tmp_path):
         paths.append((str(path), text))
     button = h.grid_download(paths, summary)
     path = button.value["path"] if isinstance(button.value, dict) else button.value
-    meta = pngs.read_metadata(path)
+    meta = read_metadata(path)
     assert meta["prompt"] == "a red square" and meta["seeds"] == summary["seeds"] and meta["num_images"] == 3
     with Image.open(path) as grid:
         assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)

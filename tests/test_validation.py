@@ -16,6 +16,7 @@ from dalle_app.validation import (
     sampling_defaults,
     validate_request,
 )
+from dalle_app.request import DEFAULT_SAMPLING, GenerationRequest, SamplingSettings
 
 MODELS = {"embedded": None, "mini": None, "mega": "not downloaded, offline"}
 
@@ -27,30 +28,33 @@ def validate(**kwargs):
 
 def test_defaults_are_the_original_ones():
     r = validate()
-    assert (r.model, r.num_images, r.seed, r.temperature, r.top_k, r.top_p, r.cond_scale) == (
-        "embedded", 9, 1234, 1.0, 50, 1.0, 10.0,
-    )
-    assert r.notices == ()
+    assert isinstance(r, GenerationRequest)
+    assert (r.model, r.num_images, r.seed, r.sampling) == ("embedded", 9, 1234, SamplingSettings(1.0, 50, 1.0, 10.0))
+    assert r.sampling == DEFAULT_SAMPLING and r.notices == ()
+    assert r.parameters() == {
+        "prompt": "a red square above a blue circle", "negative_prompt": "", "model": "embedded",
+        "num_images": 9, "seed": 1234, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0,
+    }
 
 
 def test_left_out_sampling_settings_take_the_models_recommended_ones():
     recommended = {"embedded": {"cond_scale": 3.0, "top_k": 8}, "mini": {}}
     r = validate(recommended=recommended)
-    assert (r.temperature, r.top_k, r.top_p, r.cond_scale) == (1.0, 8, 1.0, 3.0)
-    assert validate(recommended=recommended, cond_scale=12).cond_scale == 12.0  # given wins
-    assert validate(recommended=recommended, model="mini").cond_scale == 10.0
+    assert r.sampling == SamplingSettings(temperature=1.0, top_k=8, top_p=1.0, cond_scale=3.0)
+    assert validate(recommended=recommended, cond_scale=12).sampling.cond_scale == 12.0  # given wins
+    assert validate(recommended=recommended, model="mini").sampling.cond_scale == 10.0
 
 
 def test_recommendations_outside_the_ranges_are_ignored():
-    assert sampling_defaults({"cond_scale": 99, "top_k": 0, "temperature": 0.5, "other": 1}) == {
-        "temperature": 0.5, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0,
-    }
+    assert sampling_defaults({"cond_scale": 99, "top_k": 0, "temperature": 0.5, "other": 1}) == SamplingSettings(
+        temperature=0.5, top_k=50, top_p=1.0, cond_scale=10.0)
 
 
 def test_good_values_pass_through_with_their_types():
     r = validate(num_images=4.0, seed=7, temperature=0.5, top_k=128, top_p=0.9, cond_scale=3, model="mini")
-    assert (r.num_images, r.seed, r.top_k) == (4, 7, 128)
-    assert isinstance(r.num_images, int) and isinstance(r.top_k, int) and isinstance(r.cond_scale, float)
+    assert (r.num_images, r.seed, r.sampling.top_k) == (4, 7, 128)
+    assert isinstance(r.num_images, int) and isinstance(r.sampling.top_k, int)
+    assert isinstance(r.sampling.cond_scale, float)
     assert r.model == "mini"
 
 

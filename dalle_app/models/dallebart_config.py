@@ -55,7 +55,6 @@ class DalleBartConfig:
     force_ln_scale: bool = False
     scale_embedding: bool = False
     tie_word_embeddings: bool = False
-    use_scan: bool | None = None  # layout of the published weights; the module always scans
     # text and generation
     normalize_text: bool = False
     init_std: float = 0.02
@@ -71,8 +70,6 @@ class DalleBartConfig:
         for name in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, self.image_vocab_size)
-        if self.use_scan is None:
-            object.__setattr__(self, "use_scan", self.ln_positions != "swinv2")
         self._check_supported()
 
     def _check_supported(self) -> None:
@@ -110,7 +107,8 @@ class DalleBartConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DalleBartConfig":
-        """Build from a config.json dict; keys that do not affect inference are ignored."""
+        """Build from a config.json dict; keys that do not affect inference are ignored (among
+        them `use_scan`: the loader reads the weights' layout from their names)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from dalle_app.model_files import EMBEDDED_FOLDER_NAMES
 from dalle_app.train.profiles import PROFILES, Profile
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "export", "all"])
     p.add_argument("--out", type=Path, required=True, help="run folder (states, logs, exported models)")
     p.add_argument("--assets", type=Path, default=None,
-                   help="copy the trained models here as vqgan-embedded/, dalle-embedded/, clip-embedded/ "
+                   help=f"copy the trained models here as {', '.join(n + '/' for n in EMBEDDED_FOLDER_NAMES.values())} "
                         "(with `all`, after training; with `export`, required)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="model and batch sizes (default: cpu)")
     p.add_argument("--steps", type=int, default=None, help="steps of the phase run (not with `all`)")
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         profile = dataclasses.replace(profile, dallebart=dataclasses.replace(profile.dallebart,
                                                                                num_samples=args.dataset_size))
     args.out.mkdir(parents=True, exist_ok=True)
-    from dalle_app.train import pipeline
+    from dalle_app.train import phases
 
     t0 = time.time()
     budget = None if args.minutes_budget is None else args.minutes_budget * 60.0
     overrides = {name: phase_steps(args, name)
                  for name in ("vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder")}
-    timings = pipeline.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
+    timings = phases.run(args.phase, args.out, profile, args.seed, overrides, budget, args.batch_size, args.assets)
     timings["total"] = round(time.time() - t0, 1)
     previous = json.loads((args.out / "timings.json").read_text()) if (args.out / "timings.json").is_file() else {}
     (args.out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2) + "\n")

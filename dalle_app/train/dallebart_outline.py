@@ -29,8 +29,8 @@ import numpy as np
 
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig
 from dalle_app.train.common import PhaseLog, remaining, write_json
-from dalle_app.train.dallebart import PHASE as BASE
-from dalle_app.train.dallebart import (
+from dalle_app.train.dallebart_training import PHASE as BASE
+from dalle_app.train.dallebart_training import (
     DalleBartTrainConfig,
     evaluate,
     fit,
@@ -38,7 +38,7 @@ from dalle_app.train.dallebart import (
     save_dallebart,
     with_position_table,
 )
-from dalle_app.train.text import CaptionEncoder
+from dalle_app.train.text_training import CaptionEncoder
 
 PHASE = "dallebart-outline"
 

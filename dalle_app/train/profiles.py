@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 
 from dalle_app.models.vqgan import VQGANConfig
-from dalle_app.train.clip import CLIPTrainConfig
-from dalle_app.train.dallebart import DalleBartTrainConfig
-from dalle_app.train.vqgan import VQGANTrainConfig, default_model_config
+from dalle_app.train.clip_training import CLIPTrainConfig
+from dalle_app.train.dallebart_training import DalleBartTrainConfig
+from dalle_app.train.vqgan_training import VQGANTrainConfig, default_model_config
 
 
 @dataclasses.dataclass(frozen=True)

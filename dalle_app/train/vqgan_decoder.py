@@ -28,7 +28,7 @@ from dalle_app.train.common import (
     start_state,
     write_json,
 )
-from dalle_app.train.vqgan import VQGANTrainConfig, evaluate, images_for_step, reconstruction_losses
+from dalle_app.train.vqgan_training import VQGANTrainConfig, evaluate, images_for_step, reconstruction_losses
 
 PHASE = "vqgan-decoder"
 TRAINED = ("decoder", "post_quant_conv")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dalle_app.hub import normalizer_word_file
 from dalle_app.text import TextProcessor, TokenizedPrompts
 
 
@@ -26,7 +27,7 @@ def _expected_text(folder: Path) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _processor(folder: Path) -> TextProcessor:
-    return TextProcessor.from_pretrained(folder)
+    return TextProcessor.from_pretrained(folder, normalizer_word_file(folder))
 
 
 @functools.lru_cache(maxsize=8)

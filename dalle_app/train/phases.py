@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dalle_app.model_files import EMBEDDED_FOLDER_NAMES
 from dalle_app.train.profiles import Profile
 
-ASSET_FOLDERS = {"vqgan": "vqgan-embedded", "dallebart": "dalle-embedded", "clip": "clip-embedded"}
+ASSET_FOLDERS = {"vqgan": EMBEDDED_FOLDER_NAMES["vqgan"], "dallebart": EMBEDDED_FOLDER_NAMES["dalle"],
+                 "clip": EMBEDDED_FOLDER_NAMES["clip"]}
+"""The assets/ folder each training phase's model is exported to."""
 ORDER = ("tokenizers", "vqgan", "clip", "dallebart", "dallebart-outline", "vqgan-decoder")
 # Where each asset comes from, first existing folder wins (a fine-tuned model over the original).
 ASSET_SOURCES = {"vqgan": ("vqgan-decoder", "vqgan"), "dallebart": ("dallebart-outline", "dallebart"),
@@ -41,11 +44,11 @@ def run(phase: str, out: Path, profile: Profile, seed: int, steps: dict[str, int
         budget: float | None, batch_size: int | None, assets: Path | None) -> dict[str, float]:
     """Run one phase (or `all`), return seconds per phase."""
     from dalle_app.models.vqgan import load_vqgan
-    from dalle_app.train.clip import train_clip
-    from dalle_app.train.dallebart import train_dallebart
+    from dalle_app.train.clip_training import train_clip
+    from dalle_app.train.dallebart_training import train_dallebart
     from dalle_app.train.dallebart_outline import finetune_outline
-    from dalle_app.train.text import build_tokenizers
-    from dalle_app.train.vqgan import train_vqgan
+    from dalle_app.train.text_training import build_tokenizers
+    from dalle_app.train.vqgan_training import train_vqgan
     from dalle_app.train.vqgan_decoder import finetune_decoder
 
     phases = ORDER if phase == "all" else (() if phase == "export" else (phase,))

@@ -16,10 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dalle_app.data import batch as data_batch
+from dalle_app.model_files import WORD_FILE
 from dalle_app.train.common import PhaseLog, phase_seed, write_json
 from dalle_app.train.tokenizers import build_bart_tokenizer, build_clip_tokenizer, write_word_frequencies
-
-WORD_FILE = "enwiki-words-frequency.txt"
 
 
 def plain_normalize(text: str) -> str:

@@ -49,6 +49,7 @@ from dalle_app.models.clip import (
     logits_from_embeds,
     save_clip,
 )
+from dalle_app.model_files import TOKENIZER_FILES
 from dalle_app.models.clip_preprocess import CLIPImagePreprocessor, load_clip_tokenizer
 from dalle_app.train.common import (
     OptimConfig,
@@ -63,7 +64,6 @@ from dalle_app.train.common import (
 )
 
 PHASE = "clip"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clamps the learned temperature at 100
 
 

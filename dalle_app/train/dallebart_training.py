@@ -25,10 +25,11 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
-from dalle_app.hub import GENERATION_CONFIG
+from dalle_app.model_files import GENERATION_CONFIG, TOKENIZER_FILES, WORD_FILE
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
 from dalle_app.models.weights import flatten, unflatten
+from dalle_app.request import SamplingSettings
 from dalle_app.train.codes import code_encoder
 from dalle_app.train.common import (
     OptimConfig,
@@ -41,14 +42,12 @@ from dalle_app.train.common import (
     start_state,
     write_json,
 )
-from dalle_app.train.text import CaptionEncoder, cached_normalizer
+from dalle_app.train.text_training import CaptionEncoder, cached_normalizer
 
 PHASE = "dallebart"
 # What the app samples this model with unless told otherwise (written as generation_config.json):
 # chosen on prompts of *training* combinations (evaluate.seen_prompts), never on the held-out ones.
-RECOMMENDED_SAMPLING = {"temperature": 0.6, "top_k": 50, "top_p": 1.0, "cond_scale": 1.5}
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "enwiki-words-frequency.txt")
+RECOMMENDED_SAMPLING = SamplingSettings(temperature=0.6, top_k=50, top_p=1.0, cond_scale=1.5)
 
 
 def model_config(vqgan: VQGANConfig, encoder_vocab_size: int, max_text_length: int, d_model: int = 128,
@@ -66,7 +65,7 @@ def model_config(vqgan: VQGANConfig, encoder_vocab_size: int, max_text_length: i
         encoder_layers=encoder_layers, decoder_layers=decoder_layers,
         encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
         encoder_attention_heads=heads, decoder_attention_heads=heads,
-        activation_function=activation, normalize_text=True, use_scan=True,
+        activation_function=activation, normalize_text=True,
     )
 
 
@@ -78,6 +77,7 @@ def config_json(config: DalleBartConfig) -> dict[str, Any]:
         "min_length": config.image_length + 1, "max_length": config.image_length + 1,
         "do_sample": True, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
         "gradient_checkpointing": False, "use_cache": True,
+        "use_scan": True,  # the layers are saved stacked (stack_layers), as the original reads them
     })
     return d
 
@@ -92,9 +92,9 @@ def save_dallebart(folder: Path, config: DalleBartConfig, params: Any, tokenizer
     tmp = folder / "flax_model.msgpack.tmp"
     tmp.write_bytes(flax.serialization.msgpack_serialize(host))
     tmp.replace(folder / "flax_model.msgpack")
-    (folder / GENERATION_CONFIG).write_text(json.dumps(RECOMMENDED_SAMPLING, indent=2, sort_keys=True) + "\n")
+    (folder / GENERATION_CONFIG).write_text(json.dumps(dataclasses.asdict(RECOMMENDED_SAMPLING), indent=2, sort_keys=True) + "\n")
     if tokenizer_folder is not None:
-        for name in TOKENIZER_FILES:
+        for name in (*TOKENIZER_FILES, WORD_FILE):
             (folder / name).write_bytes((tokenizer_folder / name).read_bytes())
 
 
