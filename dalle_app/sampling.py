@@ -291,9 +291,9 @@ class Sampler:
 
         def step(position: jax.Array, carry: tuple) -> tuple:
             cache, tokens, codes, keys = carry
-            hidden, cache = self.model.decode_hidden(params, jnp.repeat(tokens, 2)[:, None], position,
-                                                     cache, state.cross, state.mask)
-            logits = self.model.logits(params, guided_hidden(hidden[:, 0], s.cond_scale))
+            hidden, cache = self.model.decode_hidden(params, jnp.repeat(tokens, 2), position, cache,
+                                                     state.cross, state.mask)
+            logits = self.model.logits(params, guided_hidden(hidden, s.cond_scale))
             draw_keys, keys = split_keys(keys)
             drawn = sample_filtered(draw_keys, logits, s.temperature, s.top_k, s.top_p, self.num_codes)
             forced = lax.dynamic_index_in_dim(state.prefix_codes, position, axis=1, keepdims=False)

@@ -175,8 +175,8 @@ def _stepwise_logits(name: str, dtype: str = "float32") -> np.ndarray:
 
     @jax.jit
     def step(tokens, position, cache):
-        h, cache = m.decode_hidden(m.params, tokens[:, None], position, cache, cross, mask)
-        return m.logits(m.params, guided_hidden(h[:, 0], scale)), cache
+        h, cache = m.decode_hidden(m.params, tokens, position, cache, cross, mask)
+        return m.logits(m.params, guided_hidden(h, scale)), cache
 
     logits = []
     for t in range(ids.shape[1]):

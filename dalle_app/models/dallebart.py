@@ -28,10 +28,10 @@ that dalle_app.sampling runs. All are pure and jit-able methods of `DalleBartMod
     decode_hidden(params, tokens (B,L) int32, position int32 scalar, cache: KV, cross: KV,
                   encoder_mask (B,T)) -> (hidden (B, L, d), cache: KV)
         # L consecutive positions position..position+L-1: each layer writes their keys/values
-        # into the cache, then attends over slots <= its position. L = 1 is one sampling step;
-        # L > 1 fills the cache with a known prefix in one pass. Feed BOS at position 0, then
-        # the code of position t at position t + 1. Jit with the cache donated to update it
-        # in place.
+        # into the cache, then attends over slots <= its position (fills the cache with a
+        # known prefix in one pass). Tokens (B,) run one position and give hidden (B, d): a
+        # sampling step. Feed BOS at position 0, then the code of position t at position
+        # t + 1. Jit with the cache donated to update it in place.
     logits(params, hidden (..., d)) -> (..., image_vocab_size + 1) float32   # lm_head
     decode_step(params, tokens (B,), position, cache, cross, encoder_mask)
         -> (logits (B, image_vocab_size + 1) float32, cache)     # logits(decode_hidden(...))
@@ -164,24 +164,37 @@ class FlaxBartAttention(nn.Module):
             self.head_scale = self.param("head_scale", nn.initializers.ones, (1, 1, self.num_heads, 1), self.dtype)
 
     def _heads_first(self, x: jax.Array) -> jax.Array:
-        """(B, S, d) → (B, H, S, head_dim)."""
+        """(B, S, d) → (B, H, S, head_dim); one position (B, d) → (B, H, 1, head_dim)."""
+        if x.ndim == 2:
+            return x.reshape(x.shape[0], self.num_heads, 1, -1)
         batch, length, d = x.shape
         return x.reshape(batch, length, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(B, S, d) → keys and values, each (B, H, S, head_dim)."""
+        """(B, S, d) or one position (B, d) → keys and values, each (B, H, S, head_dim)."""
         return self._heads_first(self.k_proj(x)), self._heads_first(self.v_proj(x))
 
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-        """Queries from x (B, L, d) attend over k, v (B, H, S, hd); bias broadcasts to (B, H, L, S)."""
-        q = self._heads_first(self.q_proj(x))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=_precision(self.dtype))
+        """Queries from x (B, L, d) attend over k, v (B, H, S, hd); bias broadcasts to (B, H, L, S).
+
+        One position may come as x (B, d) (bias then broadcasts to (B, H, S)): without a length
+        axis of size 1, XLA adds no layout copies around it, which a sampling step would pay
+        for in every layer.
+        """
+        q = self.q_proj(x)
+        if x.ndim == 2:
+            q = q.reshape(q.shape[0], self.num_heads, -1)
+            scores, mix = "bhd,bhkd->bhk", "bhk,bhkd->bhd"
+        else:
+            q = self._heads_first(q)
+            scores, mix = "bhqd,bhkd->bhqk", "bhqk,bhkd->bqhd"
+        logits = jnp.einsum(scores, q, k, precision=_precision(self.dtype))
         logits = logits / jnp.sqrt(q.shape[-1]).astype(self.dtype)  # after QKᵀ, as 0.1.5
         probs = jax.nn.softmax(logits + bias).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v, precision=_precision(self.dtype))
+        out = jnp.einsum(mix, probs, v, precision=_precision(self.dtype))  # (..., H, hd)
         if self.config.use_head_scale:
-            out = out * self.head_scale
-        return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
+            out = out * self.head_scale.reshape(self.num_heads, 1)
+        return self.out_proj(out.reshape(x.shape))
 
 
 class GLU(nn.Module):
@@ -273,7 +286,8 @@ class FlaxBartDecoderLayer(nn.Module):
     def __call__(self, x: jax.Array, position: jax.Array | int, self_k: jax.Array, self_v: jax.Array,
                  self_bias: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
                  cross_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x (B, L, d) at positions position..; self_k/v: this layer's cache (B, H, S, hd).
+        """x (B, L, d) at positions position.., or (B, d) at one position; self_k/v: this
+        layer's cache (B, H, S, hd).
 
         Writes the keys/values of these L positions into the cache, attends, and returns
         (x, self_k, self_v) with the updated cache.
@@ -352,11 +366,13 @@ class _Stack(nn.Module):
         self.final_ln = _norm(self.config, self.dtype, False) if final_ln else None
 
     def _embed(self, ids: jax.Array, first_position: jax.Array | int) -> jax.Array:
+        """ids (B, L) at positions first_position.., or (B,) at first_position → (B, [L,] d)."""
         x = self.embed_tokens(ids)
         if self.config.scale_embedding:
             x = x * jnp.asarray(math.sqrt(self.config.d_model), self.dtype)
         if self.config.use_absolute_position_embeddings:
-            x = x + self.embed_positions(first_position + jnp.arange(ids.shape[-1]))
+            positions = first_position + jnp.arange(ids.shape[1]) if ids.ndim == 2 else first_position
+            x = x + self.embed_positions(positions)
         return self.layernorm_embedding(x)
 
     def _final(self, x: jax.Array) -> jax.Array:
@@ -386,13 +402,16 @@ class FlaxBartDecoder(_Stack):
 
     def __call__(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                  encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
-        """Run tokens (B, L) at positions position..position+L-1 against a cache of S slots;
-        returns the final hidden states (B, L, d) and the cache."""
-        length, slots = tokens.shape[1], cache.k[0].shape[2]
+        """Run tokens (B, L) at positions position..position+L-1, or (B,) at one position,
+        against a cache of S slots; returns the final hidden states (B, [L,] d) and the cache."""
+        single = tokens.ndim == 1
+        length, slots = 1 if single else tokens.shape[1], cache.k[0].shape[2]
         x = self._embed(tokens, position)
         query_pos = position + jnp.arange(length)[:, None]
-        self_bias = attention_bias(jnp.arange(slots)[None, :] <= query_pos, self.dtype)[None, None]
-        cross_bias = attention_bias(encoder_mask[:, None, None, :], self.dtype)
+        self_bias = attention_bias(jnp.arange(slots)[None, :] <= query_pos, self.dtype)  # (L, S)
+        cross_bias = attention_bias(encoder_mask[:, None, :], self.dtype)  # (B, 1, T)
+        if not single:  # with the length axis: (1, 1, L, S) and (B, 1, 1, T)
+            self_bias, cross_bias = self_bias[None, None], cross_bias[:, :, None]
         x, cache = self.layers(x, position, cache, self_bias, cross, cross_bias)
         return self._final(x), cache
 
@@ -426,7 +445,8 @@ class DalleBart(nn.Module):
 
     def decode_hidden(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                       encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
-        """Final hidden states (B, L, d) of L consecutive positions, and the updated cache."""
+        """Final hidden states (B, L, d) of tokens (B, L) at L consecutive positions (or (B, d)
+        of tokens (B,) at one position), and the updated cache."""
         return self.model.decoder(tokens, position, cache, cross, encoder_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -436,8 +456,8 @@ class DalleBart(nn.Module):
     def decode_step(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                     encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
         """One position: tokens (B,) → logits (B, V+1) float32, and the updated cache."""
-        hidden, cache = self.decode_hidden(tokens[:, None], position, cache, cross, encoder_mask)
-        return self.logits(hidden[:, 0]), cache
+        hidden, cache = self.decode_hidden(tokens, position, cache, cross, encoder_mask)
+        return self.logits(hidden), cache
 
     def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
                encoder_mask: jax.Array) -> jax.Array:
