@@ -125,9 +125,9 @@ class DallePipeline:
                 "merges.txt), so it cannot score prompts: add them, or pass clip=False to skip "
                 "ranking")
         mesh = batch_mesh(devices)
-        self.sampler = Sampler(dalle, mesh, consume=True)
+        self.sampler = Sampler(dalle, mesh)
         self.sampler.num_codes = min(dalle.config.image_vocab_size, vqgan.config.n_embed)
-        self.dalle = self.sampler.model  # its decoder weights now live in the sampler
+        self.dalle = self.sampler.model  # with a mesh, the model with replicated weights
         self.text = text
         self.vqgan = vqgan
         self.clip = clip

@@ -210,7 +210,7 @@ def test_half_precision_compute_stays_close_to_float32(reference_dir: Path, comp
     hidden = jax.jit(model.encode)(model.params, exp["input_ids"], exp["attention_mask"])
     cross = jax.jit(model.cross_kv)(model.params, hidden)
     cache = model.init_cache(exp["input_ids"].shape[0])
-    assert cache.k.dtype == compute and cross.k.dtype == compute
+    assert all(x.dtype == compute for x in (*cache.k, *cache.v, *cross.k, *cross.v))
     logits, cache = jax.jit(model.decode_step)(model.params, jnp.asarray(exp["decoder_input_ids"][:, 0]),
                                                jnp.int32(0), cache, cross, exp["attention_mask"])
     assert logits.dtype == jnp.float32
@@ -273,7 +273,9 @@ def test_implemented_flags(flags: dict, present: list[str], absent: list[str]) -
     hidden = apply("encode")(text, mask)
     teacher = apply("decode")(image, hidden, mask)
     cross, cache = apply("cross_kv")(hidden), init_cache(config, 3)
-    assert isinstance(cross, KV) and cross.k.shape == (2, 3, 5, 4, 4)
+    # one head-major (B, H, S, head_dim) array per decoder layer
+    assert isinstance(cross, KV) and [x.shape for x in cross.k] == [(3, 4, 5, 4)] * 2
+    assert [x.shape for x in cache.v] == [(3, 4, 6, 4)] * 2
     step = apply("decode_step")
     for t in range(6):
         logits, cache = step(image[:, t], jnp.int32(t), cache, cross, mask)

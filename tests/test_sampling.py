@@ -1,5 +1,6 @@
 """The sampler: warpers keep exactly the right tokens, the cached loop equals teacher forcing,
-greedy decoding reproduces dalle-mini 0.1.5, and a seed fixes an image whatever the batch."""
+greedy decoding reproduces dalle-mini 0.1.5, a seed fixes an image whatever the batch, and a
+forced prefix is kept and leaves the image independent of the batch."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 from dalle_app import runtime
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
 from dalle_app.sampling import (
-    Sampler, bucket_size, cross_kv, decoder_hidden, empty_cache, filter_logits, guide, guided_logits,
-    image_seed, prepare_decoder, sample, sample_filtered,
+    Sampler, bucket_size, filter_logits, guide, guided_hidden, image_seed, prefill_length, sample,
+    sample_filtered,
 )
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
@@ -42,9 +43,11 @@ def _sampler(name: str, dtype: str = "float32") -> Sampler:
 
 
 def _generate(name: str, rows: list[int], seeds: list[int], dtype: str = "float32", pad_to: int = 16,
-              **settings) -> np.ndarray:
+              prefixes: list[np.ndarray] | None = None, **settings) -> np.ndarray:
     """Sample for the fixture prompts `rows` (cond = prompt, uncond = the empty string), padded
-    to `pad_to` rows (one compiled program for most tests) with extra rows that are dropped."""
+    to `pad_to` rows (one compiled program for most tests) with extra rows that are dropped.
+    `prefixes`: each row's forced first codes (empty for plain generation); padding rows are
+    plain."""
     exp, sampler = _expected(name), _sampler(name, dtype)
     count = len(rows)
     pad = max(pad_to - count, 0)
@@ -54,10 +57,17 @@ def _generate(name: str, rows: list[int], seeds: list[int], dtype: str = "float3
     mask = np.concatenate([exp["attention_mask"], exp["attention_mask_uncond"][:1]])
     cross = sampler.encode_texts(ids, mask)
     full = lambda key, default, dt: np.full(n, settings.get(key, default), dt)
+    forced = {}
+    if prefixes is not None:
+        prefix_codes = np.zeros((n, sampler.image_length), np.int32)
+        prefix_length = np.zeros(n, np.int32)
+        for i, prefix in enumerate(prefixes):
+            prefix_codes[i, :len(prefix)], prefix_length[i] = prefix, len(prefix)
+        forced = dict(prefix_codes=prefix_codes, prefix_length=prefix_length)
     return sampler.generate(
         cross, mask, np.array(rows, np.int32), np.full(n, len(ids) - 1, np.int32),
         np.array(seeds), full("temperature", 1.0, np.float32), full("top_k", 50, np.int32),
-        full("top_p", 1.0, np.float32), full("cond_scale", 10.0, np.float32))[:count]
+        full("top_p", 1.0, np.float32), full("cond_scale", 10.0, np.float32), **forced)[:count]
 
 
 # ---- warpers --------------------------------------------------------------------------------
@@ -144,28 +154,29 @@ def test_seeds_and_buckets() -> None:
     assert bucket_size(5, (1, 2, 4, 9, 16)) == 9
     assert bucket_size(5, (1, 2, 4, 9, 16), multiple=2) == 10
     assert bucket_size(40, (1, 2, 4, 9, 16)) == 48
+    assert [prefill_length(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert prefill_length(200, 256) == 256
 
 
 # ---- the model loop -------------------------------------------------------------------------
 
 
 def _stepwise_logits(name: str, dtype: str = "float32") -> np.ndarray:
-    """Teacher-forced logits through the sampler's cached decoder step, one position at a time
-    (each row paired with itself as its unconditional row, guidance scale 1)."""
+    """Teacher-forced logits through the sampler's cached decoder step (the model's
+    decode_hidden, guidance on hidden states, then logits), one position at a time (each row
+    paired with itself as its unconditional row, guidance scale 1)."""
     exp, m = _expected(name), _model(name, dtype)
-    decoder, cfg = prepare_decoder(m.params), m.config
     ids = np.repeat(exp["decoder_input_ids"], 2, axis=0)
     mask = np.repeat(exp["attention_mask"], 2, axis=0)
     hidden = m.encode(m.params, np.repeat(exp["input_ids"], 2, axis=0), mask)
-    cross = cross_kv(decoder, hidden, cfg.decoder_attention_heads, m.dtype)
-    bias = jnp.where(jnp.asarray(mask) > 0, 0.0, -jnp.inf).astype(m.dtype)[:, None, :]
-    cache = empty_cache(cfg, ids.shape[0], m.dtype)
+    cross = m.cross_kv(m.params, hidden)
+    cache = m.init_cache(ids.shape[0])
     scale = jnp.ones(ids.shape[0] // 2)
 
     @jax.jit
     def step(tokens, position, cache):
-        h, cache = decoder_hidden(decoder, cfg, m.dtype, tokens, position, cache, cross, bias)
-        return guided_logits(decoder, h, scale), cache
+        h, cache = m.decode_hidden(m.params, tokens, position, cache, cross, mask)
+        return m.logits(m.params, guided_hidden(h, scale)), cache
 
     logits = []
     for t in range(ids.shape[1]):
@@ -177,8 +188,8 @@ def _stepwise_logits(name: str, dtype: str = "float32") -> np.ndarray:
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_kv_cache_steps_equal_teacher_forced_logits(name: str) -> None:
-    """The sampler's KV-cached decoder step (unrolled layers, head-major caches) gives
-    dalle-mini's teacher-forced logits, position by position."""
+    """The sampler's KV-cached decoder step (unrolled layers, head-major per-layer caches)
+    gives dalle-mini's teacher-forced logits, position by position."""
     np.testing.assert_allclose(_stepwise_logits(name), _expected(name)["logits"], atol=1e-4, rtol=0)
 
 
@@ -252,3 +263,102 @@ def test_half_precision_stays_close_to_float32(dtype: str, tolerance: float) -> 
     greedy = _generate(name, list(range(14)), [0] * 14, dtype=dtype, top_k=1, cond_scale=1.0)
     agree = (greedy == exp["greedy_cond1"]).mean()
     assert agree > 0.5, f"{dtype} greedy codes agree with float32 on only {agree:.0%} of the steps"
+
+
+# ---- forced prefixes (image completion) -----------------------------------------------------
+
+
+COLD = 0.05
+"""Temperature of the prefix tests: the tiny fixture's logits are nearly flat, so at 1.0 the
+draws would hardly depend on the codes before them; colder, they follow the context."""
+
+
+def _complete(rows: list[int], seeds: list[int], prefixes: list[np.ndarray] | None, pad_to: int) -> np.ndarray:
+    return _generate("dallebart_tiny_a", rows, seeds, pad_to=pad_to, prefixes=prefixes, temperature=COLD)
+
+
+def _prefixes(lengths: list[int], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    num_codes = _model("dallebart_tiny_a").config.image_vocab_size
+    return [rng.integers(0, num_codes, n).astype(np.int32) for n in lengths]
+
+
+def test_forced_prefix_is_kept_exactly() -> None:
+    prefixes = _prefixes([0, 5, 16, 3, 1])
+    codes = _complete([0, 1, 2, 3, 4], [10, 11, 12, 13, 14], prefixes, pad_to=5)
+    for row, prefix in enumerate(prefixes):
+        np.testing.assert_array_equal(codes[row, :len(prefix)], prefix)
+    # what follows depends on the prefix: another prefix, another continuation
+    other = _complete([1], [11], _prefixes([5], seed=1), pad_to=5)
+    assert not np.array_equal(other[0, 5:], codes[1, 5:])
+
+
+def test_prefix_of_an_image_own_codes_gives_the_same_image() -> None:
+    """A row's key is split once per position, forced or sampled: forcing the first codes of
+    a plain image reproduces that image, through the one-pass prefill and step by step."""
+    plain = _complete([2, 4], [21, 22], None, pad_to=2)
+    for cut in (1, 6, 11):
+        same = _complete([2, 4], [21, 22], [plain[0, :cut], plain[1, :cut]], pad_to=2)
+        np.testing.assert_array_equal(same, plain)
+    mixed = _complete([2, 4], [21, 22], [plain[0, :7], plain[1, :0]], pad_to=2)
+    np.testing.assert_array_equal(mixed, plain)
+
+
+def test_completion_batched_with_plain_rows_equals_alone() -> None:
+    """A completion row gives the same codes alone (its prefix prefilled in one pass) and
+    batched with plain rows (prefix forced step by step); the plain rows are unchanged."""
+    prefix = _prefixes([6], seed=2)[0]
+    alone = _complete([3], [1234], [prefix], pad_to=1)
+    batch = _complete([0, 3, 5], [1, 1234, 7], [prefix[:0], prefix, prefix[:0]], pad_to=4)
+    np.testing.assert_array_equal(batch[1], alone[0])
+    np.testing.assert_array_equal(batch[[0, 2]], _complete([0, 5], [1, 7], None, pad_to=4))
+
+
+def test_prefill_in_one_pass_equals_forcing_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose prefixes all cover the first 7 positions: that common part filled in one
+    multi-position pass gives the same codes as forcing every position inside the loop."""
+    sampler = _sampler("dallebart_tiny_a", "float32")  # the instance _generate uses
+    calls = []
+    prefill = sampler._prefill
+    monkeypatch.setattr(sampler, "_prefill", lambda *args: calls.append(int(args[-1])) or prefill(*args))
+    prefixes = _prefixes([7, 10, 13, 7], seed=3)
+    rows, seeds = [0, 1, 2, 3], [5, 6, 7, 8]
+    one_pass = _complete(rows, seeds, prefixes, pad_to=4)
+    assert calls == [7]
+    step_by_step = _complete(rows + [4], seeds + [9], prefixes + [prefixes[0][:0]], pad_to=5)
+    assert calls == [7]  # a plain row in the batch: no common prefix, nothing prefilled
+    np.testing.assert_array_equal(one_pass, step_by_step[:4])
+
+
+def test_greedy_completion_agrees_with_teacher_forcing() -> None:
+    """After a prefilled prefix, greedy choices are the argmax of teacher-forced logits: the
+    prefill leaves the cache as the loop would."""
+    name = "dallebart_tiny_a"
+    exp, m = _expected(name), _model(name)
+    prefixes = _prefixes([9, 9, 12, 9], seed=4)
+    codes = _generate(name, [0, 1, 2, 3], [0] * 4, pad_to=4, prefixes=prefixes, top_k=1, cond_scale=1.0)
+    bos = np.full((4, 1), m.config.decoder_start_token_id, np.int32)
+    hidden = m.encode(m.params, exp["input_ids"][:4], exp["attention_mask"][:4])
+    logits = np.asarray(m.decode(m.params, np.concatenate([bos, codes[:, :-1]], 1), hidden,
+                                 exp["attention_mask"][:4]))[..., :m.config.image_vocab_size]
+    top2 = np.sort(logits, -1)[..., -2:]
+    decided = (top2[..., 1] - top2[..., 0] >= TIE_MARGIN) & (np.arange(codes.shape[1]) >= 12)
+    assert decided.sum() > 4
+    np.testing.assert_array_equal(logits.argmax(-1)[decided], codes[decided])
+
+
+@pytest.mark.parametrize(("codes", "length", "message"), [
+    (np.zeros((2, 16)), np.array([3, 17]), "between 0 and 16"),
+    (np.zeros((2, 16)), np.array([3, -1]), "between 0 and 16"),
+    (np.full((2, 16), 64), np.array([0, 2]), r"image codes in \[0, 64\)"),
+    (np.zeros((2, 15)), np.array([1, 1]), "must be"),
+    (np.zeros((2, 16)), None, "both"),
+])
+def test_bad_prefix_is_refused(codes: np.ndarray, length: np.ndarray | None, message: str) -> None:
+    name = "dallebart_tiny_a"
+    sampler, exp = _sampler(name), _expected(name)
+    mask = exp["attention_mask"][:2]
+    cross = sampler.encode_texts(exp["input_ids"][:2], mask)
+    with pytest.raises(ValueError, match=message):
+        sampler.generate(cross, mask, np.array([0, 1]), np.array([1, 1]), np.array([0, 1]), np.ones(2),
+                         np.full(2, 50), np.ones(2), np.ones(2), prefix_codes=codes, prefix_length=length)

@@ -1,39 +1,47 @@
 """DalleBart (DALL·E Mini / Mega): the text encoder and image-token decoder, in Flax linen.
 
-The math is that of `dalle-mini` 0.1.5 for the published checkpoints (see
-/work/shared/reference/MODEL_NOTES.md §2): NormFormer layer norms (eps 1e-5, float32 one-pass
-statistics, bias-only pre-norms), GLU feed-forward with exact GELU, attention logits divided by
-sqrt(head_dim) *after* QKᵀ, additive -inf masks, learned positions without offset, no embedding
-scaling, untied lm_head with image_vocab_size + 1 outputs.
+The math is that of `dalle-mini` 0.1.5 for the published checkpoints: NormFormer layer norms
+(eps 1e-5, float32 one-pass statistics, bias-only pre-norms), GLU feed-forward, attention logits
+divided by sqrt(head_dim) *after* QKᵀ, additive -inf masks, learned positions without offset, no
+embedding scaling, and an untied lm_head with image_vocab_size + 1 outputs.
 
 Parameter names are exactly those of the checkpoints. The module keeps one parameter set per
 layer (`.../layers/FlaxBartEncoderLayer_{i}/...`, the unscanned layout) and loops over layers in
 Python: under jit each layer's weights are then read in place, once per step (scanning over
 stacked weights makes XLA copy every layer's slice first: a mini-sized decode step on CPU was
-2.3x slower that way). The
-published mini and mega store layers *scanned* (`FlaxBartEncoderLayers/...` with a leading layer
-axis); `load_dallebart` splits them into per-layer views at load (`unstack_layers`),
-`stack_layers` converts back (to save in the published layout), and `scanned_layer_shapes`
-gives that naming of a parameter tree.
+2.3x slower that way). The published mini and mega store layers *scanned*
+(`FlaxBartEncoderLayers/...` with a leading layer axis); `load_dallebart` splits them into
+per-layer views at load (`unstack_layers`), `stack_layers` converts back (to save in the
+published layout), and `scanned_layer_shapes` gives that naming of a parameter tree.
 
-Engine API (what the sampler builds on). All of these are pure and jit-able; they are methods of
-`DalleBartModel` (what `load_dallebart` returns), each a thin `module.apply` over the linen
-method of the same name on `DalleBart`:
+Engine API: the teacher-forced forward pass (training, parity checks) and the KV-cached decode
+that dalle_app.sampling runs. All are pure and jit-able methods of `DalleBartModel` (what
+`load_dallebart` returns), each a `module.apply` of the linen method of the same name on
+`DalleBart`:
 
     encode(params, input_ids (B,T) int32, attention_mask (B,T) int32) -> (B, T, d)
     decode(params, decoder_input_ids (B,L) int32, encoder_hidden (B,T,d), encoder_mask (B,T))
         -> logits (B, L, image_vocab_size + 1) float32          # teacher-forced, causal
-    cross_kv(params, encoder_hidden (B,T,d)) -> KV(k, v), each (decoder_layers, B, T, H, head_dim)
-        # the cross-attention keys/values of every decoder layer, computed once per request
-    decode_step(params, tokens (B,) int32, position int32 scalar, cache: KV, cross: KV,
-                encoder_mask (B,T)) -> (logits (B, image_vocab_size + 1) float32, cache: KV)
-        # one decoder position for the whole batch; feed BOS at position 0, then the code
-        # chosen at step t at position t + 1. Jit with donate_argnums for the cache to update
-        # it in place.
+    cross_kv(params, encoder_hidden (B,T,d)) -> KV
+        # every decoder layer's cross-attention keys/values: computed once per text, then
+        # gathered for each image row
+    decode_hidden(params, tokens (B,L) int32, position int32 scalar, cache: KV, cross: KV,
+                  encoder_mask (B,T)) -> (hidden (B, L, d), cache: KV)
+        # L consecutive positions position..position+L-1: each layer writes their keys/values
+        # into the cache, then attends over slots <= its position (fills the cache with a
+        # known prefix in one pass). Tokens (B,) run one position and give hidden (B, d): a
+        # sampling step. Feed BOS at position 0, then the code of position t at position
+        # t + 1. Jit with the cache donated to update it in place.
+    logits(params, hidden (..., d)) -> (..., image_vocab_size + 1) float32   # lm_head
+    decode_step(params, tokens (B,), position, cache, cross, encoder_mask)
+        -> (logits (B, image_vocab_size + 1) float32, cache)     # logits(decode_hidden(...))
+    init_cache(batch) -> KV of zeros, image_length slots
 
-and the module-level function
-
-    init_cache(config, batch, dtype) -> KV(k, v), each zeros (decoder_layers, B, image_length, H, head_dim)
+`KV` holds one array per decoder layer for keys and one for values, each head-major
+(B, heads, length, head_dim): separate buffers that a step updates in place, laid out so that
+the per-head products read them without a transpose. `decode_hidden` and `logits` are separate
+so that the sampler can mix conditional and unconditional hidden states (lm_head is linear)
+and run the lm_head on half the rows.
 
 Everything is computed in the dtype the parameters were cast to at load (float32, bfloat16 or
 float16); logits are returned in float32. On CPU prefer float32: XLA:CPU runs half-precision
@@ -68,6 +76,8 @@ __all__ = [
 
 WEIGHTS_NAME = "flax_model.msgpack"
 LN_EPS = 1e-5
+ENCODER_LAYER = "FlaxBartEncoderLayer"  # checkpoint names: .../layers/FlaxBartEncoderLayer_{i}/...
+DECODER_LAYER = "FlaxBartDecoderLayer"
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": partial(nn.gelu, approximate=False),  # exact erf GELU, as transformers' Flax "gelu"
@@ -81,10 +91,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class KV(NamedTuple):
-    """Keys and values of every decoder layer: each (layers, B, length, heads, head_dim)."""
+    """Keys and values of every decoder layer: one array per layer, (B, heads, length, head_dim)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +146,9 @@ def attention_bias(mask: jax.Array, dtype: Any) -> jax.Array:
 
 
 class FlaxBartAttention(nn.Module):
-    """Multi-head attention without biases; `kv` and `__call__` are split so that keys and
-    values can come from a cache or be computed once per request (cross-attention)."""
+    """Multi-head attention; `kv` and `__call__` are split so that keys and values can come
+    from a cache or be computed once per text (cross-attention). Keys and values are
+    head-major (B, H, S, head_dim)."""
 
     config: DalleBartConfig
     num_heads: int
@@ -152,23 +163,38 @@ class FlaxBartAttention(nn.Module):
         if self.config.use_head_scale:  # NormFormer per-head output gain
             self.head_scale = self.param("head_scale", nn.initializers.ones, (1, 1, self.num_heads, 1), self.dtype)
 
-    def _split_heads(self, x: jax.Array) -> jax.Array:
-        return x.reshape(x.shape[:2] + (self.num_heads, -1))
+    def _heads_first(self, x: jax.Array) -> jax.Array:
+        """(B, S, d) → (B, H, S, head_dim); one position (B, d) → (B, H, 1, head_dim)."""
+        if x.ndim == 2:
+            return x.reshape(x.shape[0], self.num_heads, 1, -1)
+        batch, length, d = x.shape
+        return x.reshape(batch, length, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(B, S, d) → keys and values, each (B, S, H, head_dim)."""
-        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+        """(B, S, d) or one position (B, d) → keys and values, each (B, H, S, head_dim)."""
+        return self._heads_first(self.k_proj(x)), self._heads_first(self.v_proj(x))
 
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-        """Queries from x (B, L, d) attend over k, v (B, S, H, hd); bias broadcasts to (B, H, L, S)."""
-        q = self._split_heads(self.q_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=_precision(self.dtype))
+        """Queries from x (B, L, d) attend over k, v (B, H, S, hd); bias broadcasts to (B, H, L, S).
+
+        One position may come as x (B, d) (bias then broadcasts to (B, H, S)): without a length
+        axis of size 1, XLA adds no layout copies around it, which a sampling step would pay
+        for in every layer.
+        """
+        q = self.q_proj(x)
+        if x.ndim == 2:
+            q = q.reshape(q.shape[0], self.num_heads, -1)
+            scores, mix = "bhd,bhkd->bhk", "bhk,bhkd->bhd"
+        else:
+            q = self._heads_first(q)
+            scores, mix = "bhqd,bhkd->bhqk", "bhqk,bhkd->bqhd"
+        logits = jnp.einsum(scores, q, k, precision=_precision(self.dtype))
         logits = logits / jnp.sqrt(q.shape[-1]).astype(self.dtype)  # after QKᵀ, as 0.1.5
         probs = jax.nn.softmax(logits + bias).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=_precision(self.dtype))
+        out = jnp.einsum(mix, probs, v, precision=_precision(self.dtype))  # (..., H, hd)
         if self.config.use_head_scale:
-            out = out * self.head_scale
-        return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
+            out = out * self.head_scale.reshape(self.num_heads, 1)
+        return self.out_proj(out.reshape(x.shape))
 
 
 class GLU(nn.Module):
@@ -257,29 +283,35 @@ class FlaxBartDecoderLayer(nn.Module):
     def cross_kv(self, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.FlaxBartAttention_1.kv(encoder_hidden)
 
-    def self_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Self-attention keys/values of positions x (B, L, d), to be written into the cache."""
-        return self.FlaxBartAttention_0.kv(self.LayerNorm_0(x))
+    def __call__(self, x: jax.Array, position: jax.Array | int, self_k: jax.Array, self_v: jax.Array,
+                 self_bias: jax.Array, cross_k: jax.Array, cross_v: jax.Array,
+                 cross_bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, L, d) at positions position.., or (B, d) at one position; self_k/v: this
+        layer's cache (B, H, S, hd).
 
-    def __call__(self, x: jax.Array, self_k: jax.Array, self_v: jax.Array, self_bias: jax.Array,
-                 cross_k: jax.Array, cross_v: jax.Array, cross_bias: jax.Array) -> jax.Array:
-        """x (B, L, d); self_k/v: the cache (B, S, H, hd), already holding these L positions."""
-        x = x + self.LayerNorm_1(self.FlaxBartAttention_0(self.LayerNorm_0(x), self_k, self_v, self_bias))
+        Writes the keys/values of these L positions into the cache, attends, and returns
+        (x, self_k, self_v) with the updated cache.
+        """
+        h = self.LayerNorm_0(x)
+        k, v = self.FlaxBartAttention_0.kv(h)
+        self_k = lax.dynamic_update_slice(self_k, k.astype(self_k.dtype), (0, 0, position, 0))
+        self_v = lax.dynamic_update_slice(self_v, v.astype(self_v.dtype), (0, 0, position, 0))
+        x = x + self.LayerNorm_1(self.FlaxBartAttention_0(h, self_k, self_v, self_bias))
         h = self.LayerNorm_2(x)
         x = x + self.LayerNorm_3(self.FlaxBartAttention_1(h, cross_k, cross_v, cross_bias))
-        return x + self._feed_forward(x)
+        return x + self._feed_forward(x), self_k, self_v
 
 
 class _LayerStack(nn.Module):
-    """`n` layers named `{FlaxBartEncoderLayer,FlaxBartDecoderLayer}_{i}` as in unscanned checkpoints."""
+    """`n` layers named `{name}_{i}` (ENCODER_LAYER or DECODER_LAYER), as in unscanned checkpoints."""
 
     config: DalleBartConfig
     dtype: Any = jnp.float32
 
-    def _setup_layers(self, layer: type[nn.Module], n: int) -> None:
-        self.names = [f"{layer.__name__}_{i}" for i in range(n)]
-        for name in self.names:
-            setattr(self, name, layer(self.config, self.dtype))
+    def _setup_layers(self, layer: type[nn.Module], name: str, n: int) -> None:
+        self.names = [f"{name}_{i}" for i in range(n)]
+        for layer_name in self.names:
+            setattr(self, layer_name, layer(self.config, self.dtype))
 
     def _layers(self) -> list[nn.Module]:
         return [getattr(self, name) for name in self.names]
@@ -287,7 +319,7 @@ class _LayerStack(nn.Module):
 
 class EncoderLayers(_LayerStack):
     def setup(self) -> None:
-        self._setup_layers(FlaxBartEncoderLayer, self.config.encoder_layers)
+        self._setup_layers(FlaxBartEncoderLayer, ENCODER_LAYER, self.config.encoder_layers)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         for layer in self._layers():
@@ -297,23 +329,21 @@ class EncoderLayers(_LayerStack):
 
 class DecoderLayers(_LayerStack):
     def setup(self) -> None:
-        self._setup_layers(FlaxBartDecoderLayer, self.config.decoder_layers)
+        self._setup_layers(FlaxBartDecoderLayer, DECODER_LAYER, self.config.decoder_layers)
 
     def cross_kv(self, encoder_hidden: jax.Array) -> KV:
         ks, vs = zip(*(layer.cross_kv(encoder_hidden) for layer in self._layers()))
-        return KV(jnp.stack(ks), jnp.stack(vs))
+        return KV(tuple(ks), tuple(vs))
 
     def __call__(self, x: jax.Array, position: jax.Array | int, cache: KV, self_bias: jax.Array,
                  cross: KV, cross_bias: jax.Array) -> tuple[jax.Array, KV]:
-        """Each layer writes its keys/values of positions position.. into the cache, then attends."""
-        k_cache, v_cache = cache
-        for i, layer in enumerate(self._layers()):
-            k, v = layer.self_kv(x)
-            at = (i, 0, position, 0, 0)
-            k_cache = lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-            v_cache = lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-            x = layer(x, k_cache[i], v_cache[i], self_bias, cross.k[i], cross.v[i], cross_bias)
-        return x, KV(k_cache, v_cache)
+        """Each layer writes its keys/values of positions position.. into its cache, then attends."""
+        ks, vs = [], []
+        for layer, k, v, cross_k, cross_v in zip(self._layers(), cache.k, cache.v, cross.k, cross.v):
+            x, k, v = layer(x, position, k, v, self_bias, cross_k, cross_v, cross_bias)
+            ks.append(k)
+            vs.append(v)
+        return x, KV(tuple(ks), tuple(vs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,11 +366,13 @@ class _Stack(nn.Module):
         self.final_ln = _norm(self.config, self.dtype, False) if final_ln else None
 
     def _embed(self, ids: jax.Array, first_position: jax.Array | int) -> jax.Array:
+        """ids (B, L) at positions first_position.., or (B,) at first_position → (B, [L,] d)."""
         x = self.embed_tokens(ids)
         if self.config.scale_embedding:
             x = x * jnp.asarray(math.sqrt(self.config.d_model), self.dtype)
         if self.config.use_absolute_position_embeddings:
-            x = x + self.embed_positions(first_position + jnp.arange(ids.shape[-1]))
+            positions = first_position + jnp.arange(ids.shape[1]) if ids.ndim == 2 else first_position
+            x = x + self.embed_positions(positions)
         return self.layernorm_embedding(x)
 
     def _final(self, x: jax.Array) -> jax.Array:
@@ -370,12 +402,16 @@ class FlaxBartDecoder(_Stack):
 
     def __call__(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                  encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
-        """Run tokens (B, L) at positions position..position+L-1 against a cache of S slots."""
-        length, slots = tokens.shape[1], cache.k.shape[2]
+        """Run tokens (B, L) at positions position..position+L-1, or (B,) at one position,
+        against a cache of S slots; returns the final hidden states (B, [L,] d) and the cache."""
+        single = tokens.ndim == 1
+        length, slots = 1 if single else tokens.shape[1], cache.k[0].shape[2]
         x = self._embed(tokens, position)
         query_pos = position + jnp.arange(length)[:, None]
-        self_bias = attention_bias(jnp.arange(slots)[None, :] <= query_pos, self.dtype)[None, None]
-        cross_bias = attention_bias(encoder_mask[:, None, None, :], self.dtype)
+        self_bias = attention_bias(jnp.arange(slots)[None, :] <= query_pos, self.dtype)  # (L, S)
+        cross_bias = attention_bias(encoder_mask[:, None, :], self.dtype)  # (B, 1, T)
+        if not single:  # with the length axis: (1, 1, L, S) and (B, 1, 1, T)
+            self_bias, cross_bias = self_bias[None, None], cross_bias[:, :, None]
         x, cache = self.layers(x, position, cache, self_bias, cross, cross_bias)
         return self._final(x), cache
 
@@ -407,41 +443,49 @@ class DalleBart(nn.Module):
     def cross_kv(self, encoder_hidden: jax.Array) -> KV:
         return self.model.decoder.cross_kv(encoder_hidden.astype(self.dtype))
 
-    def decode_chunk(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
-                     encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
-        """Logits (B, L, V+1) float32 of L consecutive positions, and the updated cache."""
-        x, cache = self.model.decoder(tokens, position, cache, cross, encoder_mask)
-        return self.lm_head(x).astype(jnp.float32), cache
+    def decode_hidden(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
+                      encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        """Final hidden states (B, L, d) of tokens (B, L) at L consecutive positions (or (B, d)
+        of tokens (B,) at one position), and the updated cache."""
+        return self.model.decoder(tokens, position, cache, cross, encoder_mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """lm_head: hidden states (..., d) → logits (..., V+1) float32."""
+        return self.lm_head(hidden.astype(self.dtype)).astype(jnp.float32)
 
     def decode_step(self, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                     encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
-        logits, cache = self.decode_chunk(tokens[:, None], position, cache, cross, encoder_mask)
-        return logits[:, 0], cache
+        """One position: tokens (B,) → logits (B, V+1) float32, and the updated cache."""
+        hidden, cache = self.decode_hidden(tokens, position, cache, cross, encoder_mask)
+        return self.logits(hidden), cache
 
     def decode(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
                encoder_mask: jax.Array) -> jax.Array:
         """Teacher-forced causal logits (B, L, V+1) float32."""
         batch, length = decoder_input_ids.shape
         cache = init_cache(self.config, batch, self.dtype, length)
-        return self.decode_chunk(decoder_input_ids, 0, cache, self.cross_kv(encoder_hidden), encoder_mask)[0]
+        hidden, _ = self.decode_hidden(decoder_input_ids, 0, cache, self.cross_kv(encoder_hidden), encoder_mask)
+        return self.logits(hidden)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array) -> jax.Array:
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
 
 def init_cache(config: DalleBartConfig, batch: int, dtype: Any = jnp.float32, length: int | None = None) -> KV:
-    """Empty self-attention cache: k, v zeros (decoder_layers, batch, length or image_length, H, hd)."""
+    """Empty self-attention cache: per decoder layer, k and v zeros (batch, H, length or image_length, hd)."""
     heads = config.decoder_attention_heads
-    shape = (config.decoder_layers, batch, length or config.image_length, heads, config.d_model // heads)
-    return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, heads, length or config.image_length, config.d_model // heads)
+    layers = range(config.decoder_layers)
+    return KV(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameter layouts
 
 
-_LAYER = re.compile(r"/(FlaxBart(?:Encoder|Decoder)Layer)_(\d+)/")  # unscanned: one name per layer
-_SCANNED = re.compile(r"/(FlaxBart(?:Encoder|Decoder)Layer)s/")  # scanned: leading layer axis
+_LAYER_NAMES = f"{ENCODER_LAYER}|{DECODER_LAYER}"
+_LAYER = re.compile(rf"/({_LAYER_NAMES})_(\d+)/")  # unscanned: one name per layer
+_SCANNED = re.compile(rf"/({_LAYER_NAMES})s/")  # scanned: leading layer axis
 
 
 def abstract_params(config: DalleBartConfig, dtype: Any = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
@@ -545,6 +589,14 @@ class DalleBartModel:
 
     def init_cache(self, batch: int) -> KV:
         return init_cache(self.config, batch, self.dtype)
+
+    def decode_hidden(self, params: Any, tokens: jax.Array, position: jax.Array | int, cache: KV,
+                      cross: KV, encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
+        return self.module.apply({"params": params}, tokens, position, cache, cross, encoder_mask,
+                                 method="decode_hidden")
+
+    def logits(self, params: Any, hidden: jax.Array) -> jax.Array:
+        return self.module.apply({"params": params}, hidden, method="logits")
 
     def decode_step(self, params: Any, tokens: jax.Array, position: jax.Array | int, cache: KV, cross: KV,
                     encoder_mask: jax.Array) -> tuple[jax.Array, KV]:
