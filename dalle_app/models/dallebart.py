@@ -65,7 +65,7 @@ import numpy as np
 from jax import lax
 
 from dalle_app.models import weights
-from dalle_app.models.dallebart_config import DalleBartConfig, UnsupportedConfigError
+from dalle_app.models.dallebart_config import ACTIVATION_NAMES, DalleBartConfig, UnsupportedConfigError
 from dalle_app.models.weights import CheckpointError
 
 __all__ = [
@@ -79,15 +79,12 @@ LN_EPS = 1e-5
 ENCODER_LAYER = "FlaxBartEncoderLayer"  # checkpoint names: .../layers/FlaxBartEncoderLayer_{i}/...
 DECODER_LAYER = "FlaxBartDecoderLayer"
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": partial(nn.gelu, approximate=False),  # exact erf GELU, as transformers' Flax "gelu"
-    "gelu_new": partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.swish,
-    "sigmoid": nn.sigmoid,
-    "tanh": jnp.tanh,
-}
+# The functions behind config.json's `activation_function`, in the order of ACTIVATION_NAMES.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = dict(zip(ACTIVATION_NAMES, (
+    partial(nn.gelu, approximate=False),  # "gelu": exact erf GELU, as transformers' Flax "gelu"
+    partial(nn.gelu, approximate=True),   # "gelu_new": the tanh approximation
+    nn.relu, nn.silu, nn.swish, nn.sigmoid, jnp.tanh,
+), strict=True))
 
 
 class KV(NamedTuple):
