@@ -61,8 +61,8 @@ def _open_bytes(data: bytes) -> Image.Image:
         except ValidationError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValidationError(f"The image is too large to decode safely ({e}). Scale it down "
-                                  "and upload it again.") from e
+            raise ValidationError(f"The image has far more than {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels, the "
+                                  "limit: scale it down and upload it again.") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValidationError("The uploaded file is not a picture this app can read (or it is "
                                   "damaged): use PNG, JPEG, WebP, GIF or BMP.") from e

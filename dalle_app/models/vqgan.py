@@ -530,7 +530,8 @@ def wrap_weights(size: int) -> np.ndarray:
     """Per pixel along one axis (size,): how much of the decode rolled by half along that axis
     a seamless picture takes. 1 at both edges, falling as cos² to 0 a quarter of the way in."""
     distance = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size))  # to the nearest edge
-    return np.cos(np.pi / 2 * np.minimum(distance / (size / 4), 1.0)) ** 2
+    ramp = distance / (size / 4)
+    return np.where(ramp < 1, np.cos(np.pi / 2 * np.minimum(ramp, 1.0)) ** 2, 0.0)
 
 
 @partial(jax.jit, static_argnums=0)
