@@ -5,6 +5,10 @@ sends), raw bytes, a PIL image or a numpy array. It is refused with a message th
 do when it is not a picture, when it is too large to decode safely (a decompression bomb: a small
 file that unpacks to billions of pixels) or when it is empty. The size is read from the file's
 header, before any pixel is decoded.
+
+`start_completion` turns a checked upload into the request's `Completion`: a picture the app made
+(a PNG carrying its codes, `images.read_codes`, from the same model) keeps its exact codes; any
+other picture is encoded by the model's VQGAN.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import math
 import numbers
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dalle_app.images import read_codes
+from dalle_app.request import Completion, GenerationRequest
 from dalle_app.validation import ValidationError
+
+if TYPE_CHECKING:
+    from dalle_app.models.vqgan import VQGAN
 
 MAX_UPLOAD_PIXELS = 50_000_000
 """Largest picture accepted (width x height): a 48-megapixel phone photo fits; its decoded RGB
@@ -33,10 +42,13 @@ MAX_UPLOAD_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class Upload:
     """A picture that passed the checks, and the SHA-256 of what was uploaded (the file's bytes, or
-    the pixels when no file came) for the PNG metadata of the images made from it."""
+    the pixels when no file came) for the PNG metadata of the images made from it. `codes` and
+    `codes_model`: the VQGAN codes a PNG made by this app carries, and its model (else None, "")."""
 
     image: Image.Image
     sha256: str
+    codes: tuple[int, ...] | None = None
+    codes_model: str = ""
 
 
 def _too_large(width: int, height: int) -> ValidationError:
@@ -113,7 +125,8 @@ def read_upload(value: Any) -> Upload:
     else:
         raise ValidationError(f"The image must be an uploaded picture file (got {type(value).__name__}).")
     image = _open_bytes(data)
-    return Upload(image, hashlib.sha256(data).hexdigest())
+    codes, model = read_codes(image) or (None, "")
+    return Upload(image, hashlib.sha256(data).hexdigest(), codes, model)
 
 
 def check_keep_rows(value: Any, rows: int) -> int:
@@ -136,4 +149,19 @@ def check_keep_rows(value: Any, rows: int) -> int:
     return int(x)
 
 
-__all__ = ["MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "Upload", "check_keep_rows", "read_upload"]
+def start_completion(request: GenerationRequest, image: Any, keep_rows: Any, vqgan: "VQGAN") -> GenerationRequest:
+    """`request` completing the picture `image` (any form `read_upload` takes) from its top
+    `keep_rows` code rows; raises ValidationError for a bad picture or keep_rows."""
+    config = vqgan.config
+    keep = check_keep_rows(keep_rows, config.latent_size)
+    upload = read_upload(image)
+    own = upload.codes
+    if (own is not None and upload.codes_model == request.model and len(own) == config.num_codes
+            and all(0 <= c < config.n_embed for c in own)):
+        codes = own
+    else:
+        codes = tuple(int(c) for c in vqgan.encode_images([upload.image])[0])
+    return replace(request, completion=Completion(codes, keep, upload.sha256))
+
+
+__all__ = ["MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "Upload", "check_keep_rows", "read_upload", "start_completion"]
