@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 MAX_UPLOAD_PIXELS = 50_000_000
 """Largest picture accepted (width x height): a 48-megapixel phone photo fits; its decoded RGB
 pixels take 150 MB. Larger ones are refused before their pixels are decoded."""
-MAX_UPLOAD_BYTES = 64 * 2**20
+MAX_UPLOAD_BYTES = 20 * 2**20
+"""Largest upload file; the app's upload limit too."""
 
 
 @dataclass(frozen=True)
