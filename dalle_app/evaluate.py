@@ -34,6 +34,8 @@ line, one JSON object. Figures (all in [0, 1]):
   by the model's VQGAN to the codes DalleBart is trained on (one per color of the scene) and
   decoded, judged against their own scene: the ceiling of the figures above, given the VQGAN
   (model runs only).
+* ``completion_accuracy``, ``seamless_seam_ratio`` and their companions: image completion and
+  tileable pictures (dalle_app.evaluate_completion; model runs only).
 * ``seen_accuracy`` (``_top1_``, ``_color_``, ``_shape_``): the same judgements on
   ``--n-seen-prompts`` prompts built from combinations training does show (how well the model
   learned its world at all).
@@ -60,6 +62,7 @@ import numpy as np
 from dalle_app.data import Prompt, Sample, Target, batch, heldout_prompts, render_prompt
 from dalle_app.data.captions import with_article
 from dalle_app.data.world import RELATIONS, is_heldout_triple, training_pairs
+from dalle_app.evaluate_completion import pipeline_figures
 from dalle_app.oracle import detect, matches, recovers_scene, satisfies
 
 # A generator maps prompt texts to, per prompt, (image uint8 (H, W, 3), score) ranked best first.
@@ -317,6 +320,7 @@ def evaluate(
             "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, s),
             **(roundtrip_figures(generate.roundtrip, ground_truth_samples, s)
                if isinstance(generate, PipelineGenerator) else {}),
+            **(pipeline_figures(generate.pipe, generate.settings, s) if isinstance(generate, PipelineGenerator) else {}),
         })
     if grid_path and judged:
         save_grid(judged, grid_path)

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -74,4 +74,35 @@ def seamless_figures(render: Callable[[list[str], int, int], tuple[np.ndarray, n
     return {"seamless_seam_ratio": seam_ratio(seamless), "normal_seam_ratio": seam_ratio(normal)}
 
 
-__all__ = ["Completer", "above_prompts", "completion_figures", "seam_ratio", "seamless_figures"]
+def pipeline_figures(pipe: Any, settings: Mapping[str, float], seed: int = 0, n_prompts: int = 24,
+                     images_per_prompt: int = 4) -> dict[str, float | int]:
+    """Both sets of figures for a loaded `DallePipeline` sampling with `settings`."""
+    from dalle_app.models.vqgan import to_uint8
+    from dalle_app.request import Completion
+
+    def complete(texts: list[str], codes: np.ndarray, keep_rows: int, n: int, seed: int) -> list[list[np.ndarray]]:
+        completions = [Completion(tuple(int(c) for c in row), keep_rows) for row in codes]
+        output = pipe(texts, num_images=n, seed=seed, completions=completions, **settings)
+        return [[np.asarray(g.image.convert("RGB")) for g in ranked] for ranked in output.images]
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        return pipe.vqgan.encode_images([Image.fromarray(image) for image in images])
+
+    def decode(codes: np.ndarray, seamless: bool = False) -> np.ndarray:
+        return np.concatenate([np.asarray(to_uint8(pipe.vqgan.decode(codes[i:i + 8], seamless)))
+                               for i in range(0, len(codes), 8)])
+
+    def render(texts: list[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        output = pipe(texts, num_images=n, seed=seed, **settings)
+        codes = np.stack([g.codes for ranked in output.images for g in ranked])
+        return decode(codes), decode(codes, seamless=True)
+
+    rows = pipe.vqgan.config.latent_size
+    figures = completion_figures(complete, encode, decode, rows, n_prompts, images_per_prompt, seed)
+    prompts = heldout_prompts(n_prompts, seed=seed)
+    return {**figures, **seamless_figures(render, prompts, images_per_prompt, 40_000 + seed)}
+
+
+__all__ = ["Completer", "pipeline_figures", "above_prompts", "completion_figures", "seam_ratio", "seamless_figures"]
