@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import gradio as gr
+from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image
 
 from dalle_app import images as pngs
@@ -184,6 +185,7 @@ class Handlers:
         request = self.validate(
             prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless
         )
+        image = uploaded_file(image)
         scheduler = await self._scheduler(request.model)
         try:  # reading and encoding the picture is CPU work: off the event loop
             request = await asyncio.to_thread(start_completion, request, image, keep_rows, scheduler.pipeline.vqgan)
@@ -320,6 +322,18 @@ class Handlers:
         """On a new model choice: its status line, and the sliders set to its recommended settings."""
         d = self.catalog.sampling_defaults(model or self.catalog.default)
         return self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale
+
+
+def uploaded_file(value: Any) -> Any:
+    """The path of an image the app received: only files in Gradio's upload folder (what the
+    browser and gradio_client upload, and the gallery's own images), never another server path."""
+    path = value.get("path") if isinstance(value, dict) else value
+    if isinstance(path, (str, os.PathLike)) and str(path).strip():
+        if not is_in_or_equal(str(path), get_upload_folder()):
+            raise _error("The image must be uploaded with the request (a file from elsewhere on the server "
+                         "is not read).")
+        return str(path)
+    return value  # None, empty or not a file: read_upload says what is wrong
 
 
 def selected_index(event: gr.SelectData) -> int:
