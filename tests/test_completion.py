@@ -38,7 +38,7 @@ def test_the_kept_rows_of_an_upload_decode_to_its_vqgan_round_trip(pipe, scene, 
     path = tmp_path / "start.png"
     wide.save(path)
     request = start_completion(GenerationRequest(PROMPT, num_images=3, seed=5), str(path), 8, pipe.vqgan)
-    upload_codes = pipe.vqgan.encode_images([Image.fromarray(scene)])[0]
+    upload_codes = pipe.vqgan.encode_images([Image.open(path)])[0]
     assert request.completion.codes == tuple(int(c) for c in upload_codes)
     assert request.completion.keep_rows == 8 and len(request.completion.source_sha256) == 64
     codes, _ = pipe.generate_codes(image_rows(request))
