@@ -375,8 +375,8 @@ def test_completing_a_generated_image_keeps_its_first_rows_of_codes(client):
 def test_an_uploaded_picture_of_any_size_is_completed(client, tmp_path):
     path = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 140, 3), np.uint8)).save(path)
-    gallery, summary = client.predict(handle_file(str(path)), "a blue circle", num_images=2, api_name="/complete")
-    assert summary["keep_rows"] == 2 and len(gallery) == 2  # left out: half the rows
+    gallery, summary = client.predict(handle_file(str(path)), "a blue circle", 2, num_images=2, api_name="/complete")
+    assert summary["keep_rows"] == 2 and len(gallery) == 2
     kept = {png_codes(item["image"])[:8] for item in gallery}
     assert len(kept) == 1
 
