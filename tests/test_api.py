@@ -423,7 +423,7 @@ def test_bad_completions_get_a_clear_message_and_the_next_request_works(client, 
     elif kind in files:
         path.write_bytes(files[kind])
     image = None if kind == "none" else handle_file(str(path))
-    args = {"prompt": "a red square", "num_images": 1} | kwargs
+    args = {"prompt": "a red square", "keep_rows": 2, "num_images": 1} | kwargs
     with pytest.raises(AppError) as info:
         client.predict(image, api_name="/complete", **args)
     assert message in str(info.value)
