@@ -433,7 +433,7 @@ def test_bad_completions_get_a_clear_message_and_the_next_request_works(client, 
 
 def test_a_server_path_is_never_read_as_the_start_image(server):
     body = json.dumps({"data": [{"path": str(Path(__file__).resolve().parents[1] / "docs" / "app_screenshot.png")},
-                                "a red square", 2]})
+                                "a red square", 2, None, None, 1, -1, None, None, None, None, False]})
     with httpx.Client(base_url=server[0], timeout=60) as http:
         posted = http.post("/gradio_api/call/complete", content=body, headers={"content-type": "application/json"})
         posted.raise_for_status()
@@ -447,8 +447,8 @@ def test_nan_keep_rows_over_raw_http_is_rejected(server, tmp_path):
     with httpx.Client(base_url=server[0], timeout=60) as http:
         files = http.post("/gradio_api/upload", files={"files": ("start.png", path.read_bytes())}).json()
         image = {"path": files[0], "meta": {"_type": "gradio.FileData"}}
-        body = '{"data": [%s, "a red square", NaN]}' % json.dumps(image)
+        body = '{"data": [%s, "a red square", NaN, null, null, 1, -1, null, null, null, null, false]}' % json.dumps(image)
         posted = http.post("/gradio_api/call/complete", content=body, headers={"content-type": "application/json"})
         posted.raise_for_status()
         stream = http.get(f"/gradio_api/call/complete/{posted.json()['event_id']}").text
-    assert "event: error" in stream and "keep_rows must be a whole number from 1 to 3; got nan" in stream
+    assert "event: error" in stream and "keep_rows must be a whole number from 1 to 3" in stream and "got nan" in stream
