@@ -290,8 +290,8 @@ def test_complete_encodes_the_upload_and_reports_keep_rows(tmp_path, monkeypatch
 def test_complete_from_a_generated_png_uses_its_own_codes(tmp_path, monkeypatch):
     scheduler = ScriptedScheduler()
     h = make_handlers(tmp_path, scheduler)
-    made = pngs.with_metadata(tile(5), {"model": "embedded"}, [7] * 16)
-    image = uploaded(tmp_path, monkeypatch, made)
+    image = uploaded(tmp_path, monkeypatch, tile(5))
+    pngs.save_png(tile(5), image["path"], {"model": "embedded"}, [7] * 16)  # as the app writes its images
     run(collect(h.complete(image, "a red square", 2, num_images=1)))
     assert scheduler.jobs[0].request.completion.codes == (7,) * 16
 
