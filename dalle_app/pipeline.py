@@ -4,10 +4,10 @@ Stages: tokenize (dalle_app.text) → encode + cross-attention K/V once per dist
 sample codes (dalle_app.sampling, one shared loop for all images) → VQGAN decode → CLIP score →
 images ranked by score. A request may keep the top rows of a start picture's codes (image
 completion: the sampler forces them as a prefix, per row, so completions share loops with plain
-requests) and may ask for pictures that tile (the VQGAN decodes them seamless). The lower-level methods (`generate_codes`, `decode_images`,
-`preview_images`, `finish`) are what the request scheduler (dalle_app.scheduler) builds on; it
-is also the one place that streams progress and previews. Loaded pipelines are not cached here:
-the app's one model cache is `catalog.ModelPool`.
+requests) and may ask for pictures that tile (the VQGAN decodes them seamless). The lower-level
+methods (`generate_codes`, `decode_images`, `preview_images`, `finish`) are what the request
+scheduler (dalle_app.scheduler) builds on; it is also the one place that streams progress and
+previews. Loaded pipelines are not cached here: the app's one model cache is `catalog.ModelPool`.
 """
 
 from __future__ import annotations

@@ -371,8 +371,8 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                     start_image = gr.Image(label="Start image", type="filepath", format="png",
                                            sources=["upload", "clipboard"], height=300, elem_id="start-image")
                     with gr.Column():
-                        complete_prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLES[0], lines=1, max_lines=1,
-                                                     max_length=None, elem_id="complete-prompt")
+                        complete_prompt = gr.Textbox(label="Completion prompt", placeholder=EXAMPLES[0], lines=1,
+                                                     max_lines=1, max_length=None, elem_id="complete-prompt")
                         keep_rows = gr.Slider(1, KEEP_ROWS_MAX, value=DEFAULT_KEEP_ROWS, step=1,
                                               label="Rows of codes to keep from the top", elem_id="keep-rows")
                         with gr.Row():
@@ -433,8 +433,8 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             event.success(h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
         stop.click(None, None, None, cancels=[generating])
         complete_stop.click(None, None, None, cancels=[completing])
-        gallery.select(selected_index, None, selected, queue=False, api_visibility="private").then(h.tiling_preview, [gallery, summary, selected], tiling,
-                                     api_visibility="private")
+        gallery.select(selected_index, None, selected, queue=False, api_visibility="private").then(
+            h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
         complete_from.click(h.complete_from, [gallery, selected, prompt], [tabs, start_image, complete_prompt],
                             api_visibility="private")
         model.change(h.model_changed, model, [model_info, temperature, top_k, top_p, cond_scale],

@@ -395,7 +395,8 @@ def bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 BAD_COMPLETIONS = [
@@ -447,7 +448,8 @@ def test_nan_keep_rows_over_raw_http_is_rejected(server, tmp_path):
     with httpx.Client(base_url=server[0], timeout=60) as http:
         files = http.post("/gradio_api/upload", files={"files": ("start.png", path.read_bytes())}).json()
         image = {"path": files[0], "meta": {"_type": "gradio.FileData"}}
-        body = '{"data": [%s, "a red square", NaN, null, null, 1, -1, null, null, null, null, false]}' % json.dumps(image)
+        rest = 'NaN, null, null, 1, -1, null, null, null, null, false'
+        body = '{"data": [%s, "a red square", %s]}' % (json.dumps(image), rest)
         posted = http.post("/gradio_api/call/complete", content=body, headers={"content-type": "application/json"})
         posted.raise_for_status()
         stream = http.get(f"/gradio_api/call/complete/{posted.json()['event_id']}").text

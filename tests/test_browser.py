@@ -174,7 +174,7 @@ def test_complete_an_image_tab_uploads_completes_and_restarts_from_the_gallery(p
     page.get_by_role("tab", name="Complete an image").click()
     page.locator("#start-image input[type=file]").set_input_files(str(start))
     expect(page.locator("#start-image img")).to_have_count(1, timeout=60_000)
-    page.locator("#complete-prompt textarea").fill("a blue circle")
+    page.get_by_label("Completion prompt").fill("a blue circle")
     rows = page.get_by_label("number input for Rows of codes to keep from the top")
     state = page.get_by_label("range slider for Rows of codes to keep from the top")
     for _ in range(20):  # typed until the app has taken it (see open_advanced_and_set_images)
