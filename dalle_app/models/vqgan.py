@@ -14,9 +14,8 @@ there the edges sit in the middle, with their wrap-around neighbours beside them
 the picture is taken from the decode that has that edge inside, blended by weights that are 1 at
 the edge and 0 from a quarter of the side inwards (`wrap_weights`), so the middle is the plain
 decode unchanged. Four decodes instead of one; the weights are the published ones. Circular
-padding of the convolutions, the usual way, ruins the embedded model's pictures (its group norms
-and mid attention take the zero-padded edges into account): the mean pixel in the middle moves
-by ~50 of 255.
+padding of the convolutions, the usual way, ruins the embedded model's pictures: its group norms
+and mid attention take the zero-padded edges into account, and the colours change everywhere.
 
 Pixel range: the network itself has no range built in. DALL·E Mini encodes images as floats in
 [0, 1] (no `2x - 1`), so its codes decode to roughly [0, 1]; `to_uint8` clips to [0, 1] and
