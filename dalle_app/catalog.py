@@ -308,7 +308,8 @@ class ModelPool:
 
     `budget_gb` bounds the estimated memory (`ModelEntry.memory_gb`) of the loaded models: before
     a load that would exceed it, the least recently used models with no request waiting are
-    closed and dropped; a model that cannot fit fails with a message that says so. None: no bound.
+    closed (`Scheduler.close_if_idle`) and dropped; a model that cannot fit fails with a message
+    that says so. None: no bound.
 
     The default model can be loaded in the background (`load_default_in_background`): until it
     is ready, requests that name no model go to the embedded one (`active_default`).
@@ -371,18 +372,15 @@ class ModelPool:
                 f"{entry.label} needs about {need:.1f} GB of memory, more than this server allows "
                 f"({self.budget_gb:.1f} GB, set by {MEMORY_ENV}). Choose a smaller model."
             )
-        unloaded = []
         with self._memory:
             for name in list(self._loaded):
                 used = sum(self.catalog.entries[n].memory_gb for n in self._loaded)
                 if used + need <= self.budget_gb:
                     break
-                if getattr(self._loaded[name], "queue_size", 0) == 0:  # no request waits for it
-                    log.info("unloading model %r (least recently used) to make room for %r", name, entry.name)
-                    unloaded.append(self._loaded.pop(name))
+                if self._loaded[name].close_if_idle():  # no request waits for it; a running loop ends
+                    log.info("unloaded model %r (least recently used) to make room for %r", name, entry.name)
+                    del self._loaded[name]
             used = sum(self.catalog.entries[n].memory_gb for n in self._loaded)
-        for scheduler in unloaded:  # lets a running loop finish, then frees the model
-            scheduler.close()
         if used + need > self.budget_gb:
             busy = ", ".join(self.loaded_names())
             raise ModelLoadError(

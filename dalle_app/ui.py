@@ -29,7 +29,7 @@ from PIL import Image
 from dalle_app import images as pngs
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
 from dalle_app.request import DEFAULT_NUM_IMAGES, MAX_SEED, RANDOM_SEED, GenerationRequest
-from dalle_app.scheduler import Job, JobEvent, QueueFullError
+from dalle_app.scheduler import Job, JobEvent, QueueFullError, SchedulerClosed
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -150,16 +150,20 @@ class Handlers:
             raise _error(str(e)) from None
 
     async def _submit(self, request: GenerationRequest) -> Job:
-        try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
-            scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
-        except ModelLoadError as e:
-            raise _error(str(e)) from None
-        try:
-            return scheduler.submit(request)
-        except QueueFullError:
-            raise _error(BUSY_MESSAGE) from None
-        except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
-            raise _error(str(e)) from None
+        for _ in range(2):  # a model unloaded (to make room) between get and submit is loaded again
+            try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
+                scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
+            except ModelLoadError as e:
+                raise _error(str(e)) from None
+            try:
+                return scheduler.submit(request)
+            except SchedulerClosed:
+                continue
+            except QueueFullError:
+                raise _error(BUSY_MESSAGE) from None
+            except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+                raise _error(str(e)) from None
+        raise _error(BUSY_MESSAGE)
 
     async def generate(
         self,

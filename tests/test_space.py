@@ -102,11 +102,12 @@ def test_the_allowlist_keeps_only_the_named_models():
 
 
 class FakeScheduler:
-    def __init__(self, name: str, queue_size: int = 0) -> None:
-        self.name, self.queue_size, self.closed = name, queue_size, False
+    def __init__(self, name: str, waiting: int = 0) -> None:
+        self.name, self.waiting, self.closed = name, waiting, False
 
-    def close(self) -> None:
-        self.closed = True
+    def close_if_idle(self) -> bool:
+        self.closed = not self.waiting
+        return self.closed
 
 
 def budget_catalog() -> Catalog:
@@ -126,7 +127,7 @@ def test_least_recently_used_idle_models_are_unloaded_to_fit_the_budget():
 
 
 def test_a_model_with_waiting_requests_is_never_unloaded():
-    pool = ModelPool(budget_catalog(), lambda entry: FakeScheduler(entry.name, queue_size=2), budget_gb=8.5)
+    pool = ModelPool(budget_catalog(), lambda entry: FakeScheduler(entry.name, waiting=2), budget_gb=8.5)
     pool.get("a")
     pool.get("b")
     with pytest.raises(ModelLoadError, match="try again in a minute"):
