@@ -63,6 +63,10 @@ class QueueFullError(RuntimeError):
     """Raised by `Scheduler.submit` when `max_queue` jobs are already waiting."""
 
 
+class SchedulerClosed(RuntimeError):
+    """Raised by `Scheduler.submit` after `close()` (the server stops, or the model was unloaded)."""
+
+
 class JobCancelled(RuntimeError):
     """Raised by `Job.result` for a job that was cancelled."""
 
@@ -256,13 +260,13 @@ class Scheduler:
         """Queue a request (as it is: its seed is already resolved); returns its Job at once.
 
         Raises ValueError for invalid settings, QueueFullError when the queue is full and
-        RuntimeError after `close()`.
+        SchedulerClosed after `close()`.
         """
         check_request(request)
         job = Job(request, self.pipeline.image_length, self._forget)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the scheduler is closed")
+                raise SchedulerClosed("the scheduler is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(
                     f"The server is busy ({len(self._waiting)} requests waiting). "
@@ -285,6 +289,16 @@ class Scheduler:
             job.finish(JobEvent("error", error="The server is shutting down."))
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
+
+    def close_if_idle(self) -> bool:
+        """Close if no request is waiting (a loop already running still finishes its requests);
+        returns whether it closed. Checked and closed at once, so no request is turned away."""
+        with self._cond:
+            if self._waiting:
+                return False
+            self._closed = True
+            self._cond.notify_all()
+        return True
 
     def __enter__(self) -> "Scheduler":
         return self
@@ -420,5 +434,5 @@ def _describe(error: BaseException) -> str:
 
 __all__ = [
     "GenerationRequest", "Job", "JobCancelled", "JobEvent", "JobFailed", "QueueFullError",
-    "Scheduler",
+    "Scheduler", "SchedulerClosed",
 ]

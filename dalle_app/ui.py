@@ -27,9 +27,9 @@ import gradio as gr
 from PIL import Image
 
 from dalle_app import images as pngs
-from dalle_app.catalog import Catalog, ModelLoadError, ModelPool
-from dalle_app.request import DEFAULT_NUM_IMAGES, RANDOM_SEED, GenerationRequest
-from dalle_app.scheduler import Job, JobEvent, QueueFullError
+from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
+from dalle_app.request import DEFAULT_NUM_IMAGES, MAX_SEED, RANDOM_SEED, GenerationRequest
+from dalle_app.scheduler import Job, JobEvent, QueueFullError, SchedulerClosed
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,33 @@ EXAMPLES = [
     "a pink cross and a cyan circle",
     "a purple diamond",
 ]
+"""Prompts the embedded model knows every word of (its world: coloured shapes and relations)."""
+CLASSIC_EXAMPLES = [
+    "an armchair in the shape of an avocado",
+    "sunset over a lake in the mountains",
+    "the Eiffel tower landing on the moon",
+    "a watercolor painting of a fox in a snowy forest",
+    "a snail made of harp",
+]
+"""Prompts in the spirit of DALL·E Mini's own demos, for models that learned from open captions."""
 
-CSS = ".notice {font-size: 0.9em}"
+STATUS_REFRESH_S = 5.0
+"""How often an open page checks whether a default model loading in the background is ready."""
+GALLERY_TOP_PX = 360
+"""Roughly where the gallery starts on the page (title, model line, prompt row, closed settings):
+the gallery takes the rest of the window, and its grid is narrowed so that every row fits."""
+
+CSS = f"""
+.notice {{font-size: 0.9em}}
+#gallery .grid-wrap {{overflow-y: auto}}
+#gallery .caption-label {{font-size: 0.75em}}
+#gallery .grid-container {{
+  max-width: calc((100vh - {GALLERY_TOP_PX + 40}px) * var(--grid-cols) / var(--grid-rows));
+  margin: 0 auto;
+}}
+"""
+TITLE_JS = "(heading) => { document.title = heading.replace(/^#\\s*/, '').split('\\n')[0] + ' · dalle_app'; }"
+"""Sets the browser tab's title from the page heading (the active model)."""
 
 SLIDER_STEP = 0.05
 """Step (and lowest value) of the temperature and top-p sliders; the API accepts any valid value."""
@@ -106,31 +131,39 @@ def caption(rank: int, score: float | None, seed: int) -> str:
 class Handlers:
     """The app's event functions, bound to a model catalog and its loaded schedulers."""
 
-    def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None,
+                 machine_warning: str | None = None) -> None:
+        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title."""
         self.catalog = catalog
         self.pool = pool
         self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
+        self.machine_warning = machine_warning
+        self._request_seconds: dict[str, float] = {}  # recent time per request, by model
 
     def validate(self, *values: Any) -> GenerationRequest:
         try:
             return validate_request(
-                *values, models=self.catalog.usability(), default_model=self.catalog.default,
+                *values, models=self.catalog.usability(), default_model=self.pool.active_default(),
                 recommended=self.catalog.recommended(),
             )
         except ValidationError as e:
             raise _error(str(e)) from None
 
     async def _submit(self, request: GenerationRequest) -> Job:
-        try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
-            scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
-        except ModelLoadError as e:
-            raise _error(str(e)) from None
-        try:
-            return scheduler.submit(request)
-        except QueueFullError:
-            raise _error(BUSY_MESSAGE) from None
-        except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
-            raise _error(str(e)) from None
+        for _ in range(2):  # a model unloaded (to make room) between get and submit is loaded again
+            try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
+                scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
+            except ModelLoadError as e:
+                raise _error(str(e)) from None
+            try:
+                return scheduler.submit(request)
+            except SchedulerClosed:
+                continue
+            except QueueFullError:
+                raise _error(BUSY_MESSAGE) from None
+            except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+                raise _error(str(e)) from None
+        raise _error(BUSY_MESSAGE)
 
     async def generate(
         self,
@@ -159,8 +192,7 @@ class Handlers:
             yield [], summary
             async for event in job_events(job):
                 if event.kind == "queued":
-                    ahead = event.queue_position or 0
-                    progress(0.0, desc=f"Queued ({ahead} request(s) ahead)" if ahead else "Starting")
+                    progress(0.0, desc=self.queue_message(request.model, event.queue_position or 0))
                 elif event.kind == "progress":
                     progress((event.step, event.total), desc="Generating image tokens", unit="steps")
                     if event.partial_images:
@@ -181,14 +213,27 @@ class Handlers:
             if not finished:
                 job.cancel()
 
+    def queue_message(self, model: str, ahead: int) -> str:
+        """What a waiting request is told: how many requests are ahead and, once this model has
+        answered a request, about how long that is (requests ahead may share a loop: at most)."""
+        if not ahead:
+            return "Starting"
+        seconds = self._request_seconds.get(model)
+        wait = f", about {math.ceil(ahead * seconds)} s" if seconds else ""
+        return f"Queued: {ahead} request(s) ahead{wait}"
+
     def _final(self, request: GenerationRequest, event: JobEvent) -> tuple[list, dict[str, Any]]:
         output = event.result
         assert output is not None
+        seconds = float(output.timings.get("total_s", 0.0))
+        if seconds > 0:  # a running average of this model's request time, for queue_message
+            previous = self._request_seconds.get(request.model, seconds)
+            self._request_seconds[request.model] = 0.7 * previous + 0.3 * seconds
         ranked = output.images[0]  # the pipeline ranks by CLIP score, best first
-        notices = list(request.notices)
-        if any(output.truncated):
-            notices.append("The prompt is longer than the model's text length; its end was ignored.")
-            gr.Warning(notices[-1])
+        read = self.catalog.text_notices(request.model, output.normalized[0], output.truncated[0])
+        for notice in read:
+            gr.Warning(html.escape(notice, quote=False))
+        notices = [*request.notices, *read]
         params = request.parameters()
         scores = [score_value(g.score) for g in ranked]
         gallery = [
@@ -247,10 +292,79 @@ class Handlers:
         note = f" ({html.escape(entry.note, quote=False)})" if entry.note else ""
         return f"Model **{entry.name}**: {html.escape(entry.label, quote=False)}{note}"
 
-    def model_changed(self, model: str | None) -> tuple[str, float, int, float, float]:
-        """On a new model choice: its status line, and the sliders set to its recommended settings."""
-        d = self.catalog.sampling_defaults(model or self.catalog.default)
-        return self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale
+    def model_changed(self, model: str | None) -> tuple[str, float, int, float, float, Any]:
+        """On a new model choice: its status line, the sliders set to its recommended settings,
+        and examples that suit it."""
+        name = model or self.pool.active_default()
+        d = self.catalog.sampling_defaults(name)
+        samples = [[e] for e in examples_for(self.catalog, name)]
+        return (self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale,
+                gr.Dataset(samples=samples))
+
+    def heading(self) -> str:
+        """The page heading: the model that answers by default right now."""
+        return f"# {short_label(self.catalog.entries[self.pool.active_default()])}"
+
+    def active_model_line(self) -> str:
+        """The line under the title: which model answers and why; for the embedded model, what it
+        can draw and how to get DALL·E Mini or Mega; a GPU that JAX cannot use."""
+        lines = [html.escape(self.pool.default_status(), quote=False)]
+        if self.pool.active_default() == EMBEDDED:
+            others = [e.label for e in self.catalog.entries.values() if e.available and e.name != EMBEDDED]
+            switch = (f" For anything else choose {' or '.join(others)} under **Advanced settings → Model** "
+                      "(downloaded on first use)." if others else "")
+            lines.append("The embedded model is a small built-in model that draws coloured shapes (64×64), "
+                         f"e.g. *{EXAMPLES[0]}*.{switch}")
+        if self.machine_warning:
+            lines.append(f"⚠️ {html.escape(self.machine_warning, quote=False)}")
+        return "  \n".join(lines)
+
+    def page_opened(self) -> tuple[str, str, str, float, int, float, float, Any, Any]:
+        """A page was opened: heading, model line, and the model menu with its settings set to the
+        model that answers now; the status timer runs while a default model is still loading."""
+        name = self.pool.active_default()
+        _, temperature, top_k, top_p, cond_scale, examples = self.model_changed(name)
+        return (self.heading(), self.active_model_line(), self._menu(name), temperature, top_k, top_p,
+                cond_scale, examples, gr.Timer(active=self.pool.default_loading()))
+
+    def status_tick(self) -> tuple[str, str, Any]:
+        """While the default model loads: refresh the heading and model line; once it is ready,
+        select it in the model menu and stop the timer."""
+        if self.pool.default_loading():
+            return self.heading(), self.active_model_line(), gr.Dropdown()
+        return self.heading(), self.active_model_line(), self._menu(self.pool.active_default())
+
+    def _menu(self, name: str) -> Any:
+        return gr.Dropdown(choices=self.catalog.choices(), value=name)
+
+    def timer_state(self) -> Any:
+        return gr.Timer(active=self.pool.default_loading())
+
+    @staticmethod
+    def before_generate(num_images: float | None, seed: float | None, randomize: bool) -> tuple[Any, Any, int]:
+        """On Generate: hide the old grid download, lay the gallery out for the number of images
+        asked for, and pick the seed to send (-1 when "Randomize seed" is ticked)."""
+        count = int(num_images) if isinstance(num_images, (int, float)) and num_images >= 1 else 1
+        columns, rows = pngs.grid_shape(count)
+        use = RANDOM_SEED if randomize or seed is None else int(seed)
+        return gr.DownloadButton(visible=False), gr.Gallery(columns=columns, rows=rows), use
+
+    @staticmethod
+    def seed_used(summary: dict | None) -> Any:
+        """After a run, the seed it used (so one click on "Randomize seed" reuses it)."""
+        seed = (summary or {}).get("parameters", {}).get("seed")
+        return gr.Number() if seed is None else seed
+
+
+def short_label(entry: ModelEntry) -> str:
+    """A model's name without the details in parentheses: "Embedded default", "DALL·E Mini"."""
+    return entry.label.split(" (", 1)[0]
+
+
+def examples_for(catalog: Catalog, name: str) -> list[str]:
+    """Example prompts that suit the model: shapes for the embedded one, classic prompts otherwise."""
+    entry = catalog.entries.get(name)
+    return EXAMPLES if entry is None or entry.parts.get("dalle") is None else CLASSIC_EXAMPLES
 
 
 def availability_markdown(catalog: Catalog) -> str:
@@ -262,15 +376,15 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
     """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
     h = handlers or Handlers(catalog, pool)
     n, k, p, c = (NUMBERS[x] for x in ("num_images", "top_k", "top_p", "cond_scale"))
-    start = catalog.sampling_defaults(catalog.default)  # the default model's recommended settings
-    with gr.Blocks(title="DALL·E Mini", delete_cache=(600, 3600)) as demo:
-        gr.Markdown(
-            "# DALL·E Mini\nType a prompt and press **Enter** or **Generate**. Images are ranked by CLIP; "
-            "each caption gives its score and seed."
-        )
+    active = pool.active_default()
+    start = catalog.sampling_defaults(active)  # the active model's recommended settings
+    columns, rows = pngs.grid_shape(int(n.default))
+    with gr.Blocks(title=f"{short_label(catalog.entries[active])} · dalle_app", delete_cache=(600, 3600)) as demo:
+        heading = gr.Markdown(h.heading(), elem_id="heading")
+        active_line = gr.Markdown(h.active_model_line(), elem_id="active-model", elem_classes="notice")
         with gr.Row(equal_height=True):
             prompt = gr.Textbox(
-                label="Prompt", placeholder=EXAMPLES[0], lines=1, max_lines=1, scale=5,
+                label="Prompt", placeholder=examples_for(catalog, active)[0], lines=1, max_lines=1, scale=5,
                 max_length=None, autofocus=True, elem_id="prompt",
             )
             run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
@@ -279,11 +393,12 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             negative = gr.Textbox(label="Negative prompt", placeholder="what the images should not show",
                                   lines=1, max_lines=2)
             with gr.Row():
-                model = gr.Dropdown(choices=catalog.choices(), value=catalog.default, label="Model",
+                model = gr.Dropdown(choices=catalog.choices(), value=active, label="Model",
                                     elem_id="model", scale=2)
                 num_images = gr.Slider(n.minimum, n.maximum, value=n.default, step=1, label="Number of images")
-                seed = gr.Number(value=RANDOM_SEED, precision=0, label="Seed (-1 = random)")
-            model_info = gr.Markdown(h.model_status(catalog.default), elem_classes="notice")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
+                randomize = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize-seed")
+            model_info = gr.Markdown(h.model_status(active), elem_classes="notice")
             gr.Markdown(availability_markdown(catalog), elem_classes="notice")
             with gr.Row():
                 temperature = gr.Slider(SLIDER_STEP, MAX_SLIDER_TEMPERATURE, value=start.temperature,
@@ -293,18 +408,22 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 cond_scale = gr.Slider(c.minimum, c.maximum, value=start.cond_scale, step=COND_SCALE_STEP,
                                        label="Condition scale")
         gallery = gr.Gallery(
-            label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",
-            format="png", elem_id="gallery", buttons=["download", "fullscreen"], interactive=False,
+            label="Results (ranked by CLIP)", columns=columns, rows=rows, height=f"calc(100vh - {GALLERY_TOP_PX}px)",
+            object_fit="contain", format="png", elem_id="gallery", buttons=["share", "download", "fullscreen"],
+            interactive=False,
         )
         download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
         with gr.Accordion("Details", open=False):
             summary = gr.JSON(label="Summary", elem_id="summary")
-        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples")
+        examples = gr.Examples(examples=[[e] for e in examples_for(catalog, active)], inputs=[prompt],
+                               label="Examples")
+        request_seed = gr.Number(value=RANDOM_SEED, precision=0, visible=False)  # what /generate is sent
+        status_timer = gr.Timer(STATUS_REFRESH_S, active=pool.default_loading())
 
-        inputs = [prompt, negative, model, num_images, seed, temperature, top_k, top_p, cond_scale]
+        inputs = [prompt, negative, model, num_images, request_seed, temperature, top_k, top_p, cond_scale]
         started = gr.on(
-            [run.click, prompt.submit], lambda: gr.DownloadButton(visible=False), None, download,
-            queue=False, api_visibility="private",
+            [run.click, prompt.submit], h.before_generate, [num_images, seed, randomize],
+            [download, gallery, request_seed], queue=False, api_visibility="private",
         )
         generating = started.then(
             h.generate, inputs, [gallery, summary], api_name="generate",
@@ -312,9 +431,15 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             preprocess=False, concurrency_limit=CONCURRENCY, concurrency_id="generate",
         )
         generating.success(h.grid_download, [gallery, summary], download, api_visibility="private")
+        generating.success(h.seed_used, summary, seed, api_visibility="private", queue=False)
         stop.click(None, None, None, cancels=[generating])
-        model.change(h.model_changed, model, [model_info, temperature, top_k, top_p, cond_scale],
-                     api_visibility="private", queue=False)
+        settings = [model_info, temperature, top_k, top_p, cond_scale, examples.dataset]
+        model.change(h.model_changed, model, settings, api_visibility="private", queue=False)
+        demo.load(h.page_opened, None, [heading, active_line, model, *settings[1:], status_timer],
+                  api_visibility="private", queue=False).then(None, heading, None, js=TITLE_JS)
+        status_timer.tick(h.status_tick, None, [heading, active_line, model], api_visibility="private",
+                          queue=False).then(h.timer_state, None, status_timer, api_visibility="private",
+                                            queue=False).then(None, heading, None, js=TITLE_JS)
     demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
     return demo
 
@@ -342,23 +467,32 @@ def warmup_sizes(env: dict[str, str] | os._Environ = os.environ) -> tuple[int, .
 def main() -> None:
     """`python app.py`: load and warm the default model, then serve (127.0.0.1:7860 unless
     GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise)."""
-    from dalle_app.catalog import load_scheduler
+    from dalle_app.catalog import EMBEDDED, load_scheduler
+    from dalle_app.hardware import gpu_backend_warning, memory_budget_gb
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    warning = gpu_backend_warning()
+    if warning:
+        log.warning(warning)
     catalog = Catalog.from_env()
-    pool = ModelPool(catalog, load_scheduler)
+    pool = ModelPool(catalog, load_scheduler, budget_gb=memory_budget_gb())
+    log.info("default model %r: %s", catalog.default, catalog.default_reason)
+    # A default that may need a download or a long load is loaded behind the embedded model.
+    first = EMBEDDED if catalog.default != EMBEDDED and EMBEDDED in catalog.entries else catalog.default
     started = time.perf_counter()
-    print(f"Loading the default model {catalog.default!r}...", flush=True)
+    print(f"Loading the model {first!r}...", flush=True)
     try:
-        scheduler = pool.get(catalog.default)
+        scheduler = pool.get(first)
         sizes = warmup_sizes()
         if sizes:
             scheduler.pipeline.warmup(sizes)
-        print(f"Model {catalog.default!r} ready in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"Model {first!r} ready in {time.perf_counter() - started:.1f} s", flush=True)
     except ModelLoadError as e:  # still serve: other models may work, and the error is shown per request
-        log.error("the default model could not be loaded: %s", e)
-    demo = build_app(catalog, pool)
+        log.error("the model %r could not be loaded: %s", first, e)
+    if first != catalog.default:
+        pool.load_default_in_background()
+    demo = build_app(catalog, pool, handlers=Handlers(catalog, pool, machine_warning=warning))
     _, url, _ = demo.launch(prevent_thread_lock=True, **launch_kwargs())
     print(f"dalle_app is listening on {url}", flush=True)
     demo.block_thread()
