@@ -151,8 +151,10 @@ class Handlers:
     """The app's event functions, bound to a model catalog and its loaded schedulers."""
 
     def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None,
-                 machine_warning: str | None = None, admission: Admission | None = None) -> None:
-        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title."""
+                 machine_warning: str | None = None, *, admission: Admission | None = None) -> None:
+        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title; `admission`
+        holds each client's images waiting, all models together (default: the limit from
+        $DALLE_APP_MAX_IMAGES_PER_CLIENT)."""
         self.catalog = catalog
         self.pool = pool
         self.admission = admission or Admission.from_env()
