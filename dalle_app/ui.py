@@ -7,6 +7,10 @@ stops at once and the other requests decoded in the same batch go on undisturbed
 
 The endpoint runs with Gradio's preprocessing off: raw JSON values reach `validation.py`,
 which checks every parameter in one place, for the UI, the API and the CLI alike.
+
+Each request is keyed by its client (`visitor_key`) and admitted through `admission.Admission`
+before it reaches a scheduler: a client with too many images waiting is told so at once, and
+the scheduler shares its decoding loops round-robin across clients.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import gradio as gr
 from PIL import Image
 
 from dalle_app import images as pngs
+from dalle_app.admission import Admission, ClientLimitError, Ticket, client_key
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
-from dalle_app.request import DEFAULT_NUM_IMAGES, MAX_SEED, RANDOM_SEED, GenerationRequest
+from dalle_app.request import DEFAULT_NUM_IMAGES, LOCAL_CLIENT, MAX_SEED, RANDOM_SEED, GenerationRequest
 from dalle_app.scheduler import Job, JobEvent, QueueFullError, SchedulerClosed
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
@@ -39,7 +44,7 @@ CONCURRENCY = 256
 """Generate events running at once. A running event only awaits its scheduler job (no thread),
 so this is well above the scheduler's own bound: every request reaches the scheduler, which
 batches those waiting into its next decoding loop and answers BUSY_MESSAGE beyond its queue
-(scheduler.MAX_QUEUE waiting jobs per model)."""
+(scheduler.MAX_QUEUED_IMAGES waiting images per model)."""
 MAX_QUEUE = 64
 """Events Gradio holds beyond CONCURRENCY (a safety net; clients then see "Queue is full")."""
 GRID_MAX_AGE_S = 900
@@ -117,6 +122,20 @@ async def job_events(job: Job) -> AsyncIterator[JobEvent]:
             return
 
 
+def visitor_key(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str:
+    """The client key of a Gradio request (`admission.client_key`): the user logged in through
+    the app's `auth` or "Sign in with Hugging Face", else the visitor's address as Gradio
+    reports it (behind a proxy, the forwarded one), else the browser session. Without a
+    request (the handler called directly), LOCAL_CLIENT."""
+    if request is None:
+        return LOCAL_CLIENT
+    username = getattr(request, "username", None) or (profile.username if profile is not None else None)
+    peer = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    return client_key(username=username, host=getattr(peer, "host", None),
+                      forwarded_for=headers.get("x-forwarded-for"), session=request.session_hash)
+
+
 def score_value(score: float) -> float | None:
     """A JSON-safe score: None when the model has no CLIP (the pipeline reports nan)."""
     value = float(score)
@@ -132,21 +151,31 @@ class Handlers:
     """The app's event functions, bound to a model catalog and its loaded schedulers."""
 
     def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None,
-                 machine_warning: str | None = None) -> None:
-        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title."""
+                 machine_warning: str | None = None, *, admission: Admission | None = None) -> None:
+        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title; `admission`
+        holds each client's images waiting, all models together (default: the limit from
+        $DALLE_APP_MAX_IMAGES_PER_CLIENT)."""
         self.catalog = catalog
         self.pool = pool
+        self.admission = admission or Admission.from_env()
         self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
         self.machine_warning = machine_warning
         self._request_seconds: dict[str, float] = {}  # recent time per request, by model
 
-    def validate(self, *values: Any) -> GenerationRequest:
+    def validate(self, *values: Any, client: str = LOCAL_CLIENT) -> GenerationRequest:
         try:
             return validate_request(
                 *values, models=self.catalog.usability(), default_model=self.pool.active_default(),
-                recommended=self.catalog.recommended(),
+                recommended=self.catalog.recommended(), client=client,
             )
         except ValidationError as e:
+            raise _error(str(e)) from None
+
+    def admit(self, request: GenerationRequest) -> Ticket:
+        """Count the request's images against its client, or tell the user the client's limit."""
+        try:
+            return self.admission.admit(request.client, request.num_images)
+        except ClientLimitError as e:
             raise _error(str(e)) from None
 
     async def _submit(self, request: GenerationRequest) -> Job:
@@ -177,14 +206,25 @@ class Handlers:
         top_p: float | None = None,
         cond_scale: float | None = None,
         progress: gr.Progress = gr.Progress(),
+        visitor: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
-        """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary."""
+        """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary.
+
+        Gradio fills in `visitor` (the HTTP request) and `profile` (the Hugging Face user, when
+        the app offers a login): they say whose request it is."""
         request = self.validate(
-            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale,
+            client=visitor_key(visitor, profile),
         )
         for notice in request.notices:
             gr.Warning(html.escape(notice, quote=False))
-        job = await self._submit(request)
+        ticket = self.admit(request)
+        try:
+            job = await self._submit(request)
+        except BaseException:
+            ticket.release()
+            raise
         finished = False
         try:
             summary = {**request.parameters(), "status": "queued", "notices": list(request.notices)}
@@ -212,6 +252,7 @@ class Handlers:
         finally:
             if not finished:
                 job.cancel()
+            ticket.release()
 
     def queue_message(self, model: str, ahead: int) -> str:
         """What a waiting request is told: how many requests are ahead and, once this model has

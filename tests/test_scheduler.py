@@ -104,7 +104,7 @@ def test_big_request_is_split_over_loops() -> None:
 def test_queue_full_and_random_seed() -> None:
     pipe = FakePipeline()
     pipe.gate.clear()
-    with _scheduler(pipe, max_queue=2) as scheduler:
+    with _scheduler(pipe, max_queued_images=2) as scheduler:
         running = scheduler.submit(GenerationRequest("run", num_images=1))  # seed drawn by the record
         assert pipe.started.wait(5)
         waiting = [scheduler.submit(GenerationRequest("w", num_images=1)) for _ in range(2)]
