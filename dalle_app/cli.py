@@ -1,4 +1,5 @@
-"""Command line: `python -m dalle_app "a red square above a blue circle" --images 9 --out grid.png`.
+"""Command line: `python -m dalle_app "a red square above a blue circle" --images 9 --out grid.png`
+(or `dalle-app ...` once installed with `pip install .`).
 
 `--init-image start.png --keep-rows 8` keeps the top 8 code rows of a picture and draws the rest
 (a PNG written by this app starts from its own codes); `--seamless` makes pictures that tile.
@@ -6,6 +7,8 @@
 Same options and the same validation as the app; writes the CLIP-ranked grid as one PNG whose
 text chunks hold the prompt and parameters, and prints each image's seed and score. Unlike the
 app, `--model` may also be a local folder or a hub repo: the person at the keyboard owns them.
+Exit codes: 0 done, 2 an invalid option or setting (argparse's own code), 1 the model could not
+be loaded or generation failed, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from dalle_app import __version__
 from dalle_app import images as pngs
 from dalle_app.catalog import BUILTIN_MODELS, Catalog, ModelLoadError, ModelPool, check_entry, entry_for, load_scheduler
 from dalle_app.request import RANDOM_SEED
@@ -23,10 +27,19 @@ from dalle_app.uploads import start_completion
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 
+USAGE_ERROR = 2
+"""The exit code for an invalid option or setting, the same as argparse's."""
+
+
+def program_name() -> str:
+    """How the command was started: the installed `dalle-app` script or `python -m dalle_app`."""
+    return "dalle-app" if Path(sys.argv[0]).name == "dalle-app" else "python -m dalle_app"
+
+
 def build_parser() -> argparse.ArgumentParser:
     n, t, k, p, c = (NUMBERS[x] for x in ("num_images", "temperature", "top_k", "top_p", "cond_scale"))
     parser = argparse.ArgumentParser(
-        prog="python -m dalle_app",
+        prog=program_name(),
         description="Generate images for a prompt and save them as one PNG grid (ranked by CLIP).",
     )
     parser.add_argument("prompt", help="what to draw, e.g. 'a red square above a blue circle'")
@@ -52,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-rows", type=float, default=None,
                         help="code rows kept from the top of --init-image, 1 to rows-1 (default: half)")
     parser.add_argument("--seamless", action="store_true", help="make pictures that tile left-right and top-bottom")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -93,24 +107,35 @@ def _catalog_with(model: str | None, catalog: Catalog) -> Catalog:
     try:
         extra = check_entry(entry_for(model), describe_availability)
     except ValueError as e:
-        raise SystemExit(f"error: --model {e}") from None
+        raise ValueError(f"--model {e}") from None
     return Catalog([*catalog.entries.values(), extra], catalog.default)
+
+
+def check_outputs(out: Path, save_images: Path | None) -> None:
+    """Reject output paths that cannot be written as asked, before any model is loaded."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the name of the PNG file to write")
+    if save_images is not None and save_images.exists() and not save_images.is_dir():
+        raise ValueError(f"--save-images {save_images} is a file; give a folder")
 
 
 def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if pool is None:
-        pool = ModelPool(_catalog_with(args.model, Catalog.from_env()), load_scheduler)
-    catalog = pool.catalog
     try:
+        if pool is None:
+            pool = ModelPool(_catalog_with(args.model, Catalog.from_env()), load_scheduler)
+        catalog = pool.catalog
         request = validate_request(
             args.prompt, args.negative_prompt, args.model, args.images, args.seed,
             args.temperature, args.top_k, args.top_p, args.cond_scale, args.seamless,
             models=catalog.usability(), default_model=catalog.default, recommended=catalog.recommended(),
         )
-    except ValidationError as e:
+        check_outputs(args.out, args.save_images)
+        if args.keep_rows is not None and args.init_image is None:
+            raise ValidationError("--keep-rows needs --init-image, the picture to complete.")
+    except (ValidationError, ValueError) as e:  # an invalid option, or a bad $DALLE_APP_* setting
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     for notice in request.notices:
         print(f"note: {notice}", file=sys.stderr)
 
@@ -121,15 +146,13 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model {request.model} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    if args.init_image is not None or args.keep_rows is not None:
+    if args.init_image is not None:
         try:
-            if args.init_image is None:
-                raise ValidationError("--keep-rows needs --init-image, the picture to complete.")
             request = start_completion(request, args.init_image, args.keep_rows, scheduler.pipeline.vqgan)
         except ValidationError as e:
             scheduler.close()
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return USAGE_ERROR
     job = scheduler.submit(request)
     bar, done_steps, final = None, 0, None
     try:
@@ -152,6 +175,8 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         print(f"error: {final.error if final else 'generation ended without a result'}", file=sys.stderr)
         return 1
 
+    for notice in catalog.text_notices(request.model, final.result.normalized[0], final.result.truncated[0]):
+        print(f"note: {notice}", file=sys.stderr)
     ranked = final.result.images[0]  # the pipeline's ranking (by CLIP score, best first)
     params = request.parameters()
     meta = params | {"seeds": [g.seed for g in ranked], "scores": [round(float(g.score), 4) for g in ranked]}

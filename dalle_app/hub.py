@@ -29,13 +29,23 @@ from dalle_app.request import SAMPLING_FIELDS
 
 KINDS = ("dalle", "vqgan", "clip")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ASSETS = REPO_ROOT / "assets"
+_PACKAGE = Path(__file__).resolve().parent
+ASSETS = _PACKAGE / "assets" if (_PACKAGE / "assets").is_dir() else _PACKAGE.parent / "assets"
+"""The embedded models: `assets/` of a clone, or `dalle_app/assets` of an installed package."""
 EMBEDDED_FOLDERS = {kind: ASSETS / name for kind, name in EMBEDDED_FOLDER_NAMES.items()}
 
-VQGAN_REVISION = "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"  # the one DALL·E Mini's notebook pins
+# Hub revisions (commit hashes) of the named models. Only the VQGAN's is recorded: it is the one
+# DALL·E Mini's own notebook pins. The full commit hashes of the mini, mega and CLIP repos (and
+# so of the word list, which lives in the mini repo) are not recorded here; until they are, those
+# models follow `main`. Pin one by writing its 40-character hash here (and in README.md's
+# `preload_from_hub`).
+VQGAN_REVISION = "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"
+MINI_REVISION: str | None = None
+MEGA_REVISION: str | None = None
+CLIP_REVISION: str | None = None
 
 WORD_FILE_REPO = "dalle-mini/dalle-mini"  # the normalizer always takes it from mini, even for mega
+WORD_FILE_REVISION = MINI_REVISION
 
 # Exact file names (no wildcards), so a download can never pull pickled weights.
 DOWNLOAD_FILES: dict[str, list[str]] = {
@@ -73,10 +83,10 @@ class ModelReference:
 
 
 NAMED_MODELS: dict[str, ModelReference] = {
-    "mini": ModelReference("dalle", "dalle-mini/dalle-mini", size_hint="about 1.75 GB"),
-    "mega": ModelReference("dalle", "dalle-mini/dalle-mega", size_hint="about 10.4 GB"),
+    "mini": ModelReference("dalle", "dalle-mini/dalle-mini", MINI_REVISION, size_hint="about 1.75 GB"),
+    "mega": ModelReference("dalle", "dalle-mini/dalle-mega", MEGA_REVISION, size_hint="about 10.4 GB"),
     "vqgan": ModelReference("vqgan", "dalle-mini/vqgan_imagenet_f16_16384", VQGAN_REVISION),
-    "clip": ModelReference("clip", "openai/clip-vit-base-patch32"),
+    "clip": ModelReference("clip", "openai/clip-vit-base-patch32", CLIP_REVISION),
     **{f"embedded-{kind}": ModelReference(kind, folder=f) for kind, f in EMBEDDED_FOLDERS.items()},
 }
 
@@ -174,10 +184,11 @@ def resolve_word_file(dalle_folder: str | os.PathLike) -> Path:
     own = Path(dalle_folder) / WORD_FILE
     if own.is_file():
         return own
-    reference = ModelReference("dalle", WORD_FILE_REPO)
+    reference = ModelReference("dalle", WORD_FILE_REPO, WORD_FILE_REVISION)
     try:
         return Path(
-            hf_hub_download(WORD_FILE_REPO, WORD_FILE, local_files_only=constants.is_offline_mode())
+            hf_hub_download(WORD_FILE_REPO, WORD_FILE, revision=WORD_FILE_REVISION,
+                            local_files_only=constants.is_offline_mode())
         )
     except (EntryNotFoundError, OSError) as error:
         raise ModelNotAvailableError(
@@ -195,6 +206,28 @@ def normalizer_word_file(dalle_folder: str | os.PathLike) -> Path | None:
     if not _read_config(Path(dalle_folder)).get("normalize_text", False):
         return None
     return resolve_word_file(dalle_folder)
+
+
+def is_cached(ref: str | os.PathLike | None, kind: str | None = None) -> bool:
+    """Whether the hub model `ref` is complete in the local Hugging Face cache (never downloads;
+    False for local folders and the embedded models, which are not hub models)."""
+    try:
+        reference = parse_reference(ref, kind)
+    except (ValueError, ModelNotAvailableError):
+        return False
+    if reference.folder is not None:
+        return False
+    try:
+        folder = snapshot_download(
+            reference.repo_id,
+            revision=reference.revision,
+            allow_patterns=DOWNLOAD_FILES[reference.kind] if reference.kind else None,
+            local_files_only=True,
+        )
+        _checked_folder(Path(folder), reference.kind, str(reference), reference)
+    except (EntryNotFoundError, OSError, ModelNotAvailableError):
+        return False
+    return True
 
 
 def describe_availability(
@@ -369,7 +402,7 @@ def _word_file_note(folder: Path) -> str:
     if not _read_config(folder).get("normalize_text", False) or (folder / WORD_FILE).is_file():
         return ""
     try:
-        hf_hub_download(WORD_FILE_REPO, WORD_FILE, local_files_only=True)
+        hf_hub_download(WORD_FILE_REPO, WORD_FILE, revision=WORD_FILE_REVISION, local_files_only=True)
         return ""
     except (EntryNotFoundError, OSError):
         return f"the text normalizer's {WORD_FILE} (from {WORD_FILE_REPO}, 34 MB) is not cached"

@@ -17,6 +17,8 @@ MAX_SEED = 2**31 - 1
 """Seeds are 0..MAX_SEED; image i of a request uses `sampling.image_seed(seed, i)`."""
 RANDOM_SEED = -1
 """What users type for "pick a seed at random" (the record itself always holds a real seed)."""
+LOCAL_CLIENT = "local"
+"""The client key of requests made in this process (the command line, scripts, tests)."""
 
 
 def random_seed() -> int:
@@ -62,6 +64,10 @@ class GenerationRequest:
     `seed` is always resolved (left out, one is drawn when the record is made), so the record
     says exactly which images it produces. `model` is the catalog name the request chose ("" when
     the caller picks the pipeline itself); `notices` are what validation changed in the input.
+    `client` says whose request it is (`admission.client_key`: the logged-in user, else the
+    visitor's address, else the browser session): the scheduler shares its decoding loops
+    round-robin across clients, and the front end limits the images each client has waiting.
+    It is not one of the `parameters()`: it never goes into summaries or image metadata.
     `completion` keeps the top rows of a start picture; `seamless` decodes pictures that tile.
     """
 
@@ -72,6 +78,7 @@ class GenerationRequest:
     seed: int = field(default_factory=random_seed)
     sampling: SamplingSettings = DEFAULT_SAMPLING
     notices: tuple[str, ...] = ()
+    client: str = LOCAL_CLIENT
     completion: Completion | None = None
     seamless: bool = False
 
@@ -91,6 +98,7 @@ class GenerationRequest:
 
 
 __all__ = [
-    "Completion", "DEFAULT_NUM_IMAGES", "DEFAULT_SAMPLING", "GenerationRequest", "MAX_SEED", "RANDOM_SEED",
+    "Completion", "DEFAULT_NUM_IMAGES", "DEFAULT_SAMPLING", "GenerationRequest", "LOCAL_CLIENT", "MAX_SEED",
+    "RANDOM_SEED",
     "SAMPLING_FIELDS", "SamplingSettings", "random_seed",
 ]

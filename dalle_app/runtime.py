@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dalle_app.hardware import compilation_cache_dir
+
 CACHE_ENV = "DALLE_APP_JAX_CACHE"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -27,7 +29,8 @@ def configure(cache_dir: str | os.PathLike | None | bool = None) -> Path | None:
     the jax 0.3/0.4 stream that dalle-mini 0.1.5 used, so seeds do not reproduce its samples.
 
     The compilation cache directory is `cache_dir`, else $DALLE_APP_JAX_CACHE, else
-    ~/.cache/dalle_app/jax; `cache_dir=False` or an empty $DALLE_APP_JAX_CACHE disables it.
+    hardware.compilation_cache_dir() (a Space's /data when it exists, else ~/.cache/dalle_app/jax);
+    `cache_dir=False` or an empty $DALLE_APP_JAX_CACHE disables it.
     Returns the directory used (or None). Safe to call more than once.
     """
     jax.config.update("jax_threefry_partitionable", True)
@@ -37,7 +40,7 @@ def configure(cache_dir: str | os.PathLike | None | bool = None) -> Path | None:
         env = os.environ.get(CACHE_ENV)
         if env is not None and env.strip() == "":
             return None
-        cache_dir = env or Path.home() / ".cache" / "dalle_app" / "jax"
+        cache_dir = env or compilation_cache_dir()
     path = Path(cache_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)

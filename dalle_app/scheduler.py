@@ -5,6 +5,12 @@ the images of several requests in one loop costs little more than decoding one r
 Requests that are waiting when a loop starts share it; each request still gets its own
 progress events, partial images and result, and can be cancelled without disturbing the rest.
 
+Fairness: a loop takes its images round-robin across clients (`GenerationRequest.client`),
+one image per client in turn, oldest request first within a client, so a newcomer's request
+starts within about one loop however many images another client has queued. Per-image seeds
+make an image the same whichever loop decodes it. (How many images each client may queue is
+the front end's `admission.Admission`.)
+
 Usage (e.g. from a Gradio handler; requests usually come from `validation.validate_request`):
 
     scheduler = Scheduler(pipeline)
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,6 +35,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image
 
+from dalle_app.admission import positive_int_env
 from dalle_app.pipeline import (
     DallePipeline,
     GenerationStopped,
@@ -42,8 +50,9 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_IMAGES = 16
 """Images decoded in one shared loop (the largest default batch bucket)."""
-MAX_QUEUE = 64
-"""Jobs waiting to start before `submit` answers QueueFullError."""
+MAX_QUEUED_IMAGES = 256
+"""Images waiting for a loop (sixteen full loops) before `submit` answers QueueFullError."""
+MAX_QUEUED_IMAGES_ENV = "DALLE_APP_MAX_QUEUED_IMAGES"
 PROGRESS_EVERY = 16
 """Decoder steps between progress events."""
 PREVIEW_EVERY = 64
@@ -59,7 +68,11 @@ EventKind = Literal["queued", "progress", "done", "error", "cancelled"]
 
 
 class QueueFullError(RuntimeError):
-    """Raised by `Scheduler.submit` when `max_queue` jobs are already waiting."""
+    """Raised by `Scheduler.submit` when the request's images would pass `max_queued_images`."""
+
+
+class SchedulerClosed(RuntimeError):
+    """Raised by `Scheduler.submit` after `close()` (the server stops, or the model was unloaded)."""
 
 
 class JobCancelled(RuntimeError):
@@ -75,7 +88,7 @@ class JobEvent:
     """What happened to a job.
 
     kind:
-      "queued"    — accepted; `queue_position` jobs are ahead of it (0 = next).
+      "queued"    — accepted; `queue_position` waiting jobs start before it (0 = next).
       "progress"  — `step` of `total` decoder steps done; `partial_images` holds previews of
                     the images being decoded (at most `max_preview_images`, unfinished parts
                     grey) on preview steps, else None.
@@ -179,6 +192,11 @@ class Job:
         return True
 
     @property
+    def started(self) -> bool:
+        """Whether some of its rows have been handed to a decoding loop."""
+        return self._next_row > 0
+
+    @property
     def rows_left(self) -> int:
         """Rows not yet handed to a decoding loop."""
         return len(self.rows) - self._next_row
@@ -221,7 +239,8 @@ class Scheduler:
 
     - `max_batch_images`: most images decoded in one loop (a request with more images is
       split over consecutive loops).
-    - `max_queue`: most jobs waiting (not yet started); `submit` raises QueueFullError past it.
+    - `max_queued_images`: most images waiting for a loop; `submit` raises QueueFullError for
+      a request that would pass it. None: $DALLE_APP_MAX_QUEUED_IMAGES, else MAX_QUEUED_IMAGES.
     - `progress_every`: decoder steps between progress events.
     - `preview_every`: decoder steps between partial images (0 = never). Each preview runs the
       VQGAN on the unfinished images, which costs about as much as decoding them at the end.
@@ -231,19 +250,22 @@ class Scheduler:
     """
 
     def __init__(self, pipeline: DallePipeline, max_batch_images: int = MAX_BATCH_IMAGES,
-                 max_queue: int = MAX_QUEUE, progress_every: int = PROGRESS_EVERY,
+                 max_queued_images: int | None = None, progress_every: int = PROGRESS_EVERY,
                  preview_every: int = PREVIEW_EVERY, max_preview_images: int = MAX_PREVIEW_IMAGES,
                  gather_s: float = GATHER_S) -> None:
-        if max_batch_images < 1 or max_queue < 1 or progress_every < 1:
-            raise ValueError("max_batch_images, max_queue and progress_every must be ≥ 1")
+        if max_queued_images is None:
+            max_queued_images = positive_int_env(os.environ, MAX_QUEUED_IMAGES_ENV, MAX_QUEUED_IMAGES)
+        if max_batch_images < 1 or max_queued_images < 1 or progress_every < 1:
+            raise ValueError("max_batch_images, max_queued_images and progress_every must be ≥ 1")
         self.pipeline = pipeline
         self.max_batch_images = max_batch_images
-        self.max_queue = max_queue
+        self.max_queued_images = max_queued_images
         self.progress_every = progress_every
         self.preview_every = preview_every
         self.max_preview_images = max_preview_images
         self.gather_s = gather_s
-        self._waiting: collections.deque[Job] = collections.deque()
+        # waiting jobs by client, oldest first; the clients in round-robin order (next served first)
+        self._clients: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="dalle-scheduler", daemon=True)
@@ -255,20 +277,20 @@ class Scheduler:
         """Queue a request (as it is: its seed is already resolved); returns its Job at once.
 
         Raises ValueError for invalid settings, QueueFullError when the queue is full and
-        RuntimeError after `close()`.
+        SchedulerClosed after `close()`.
         """
         self.pipeline.check(request)
         job = Job(request, self.pipeline.image_length, self._forget)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the scheduler is closed")
-            if len(self._waiting) >= self.max_queue:
+                raise SchedulerClosed("the scheduler is closed")
+            waiting = self._waiting_images()
+            if waiting + request.num_images > self.max_queued_images:
                 raise QueueFullError(
-                    f"The server is busy ({len(self._waiting)} requests waiting). "
-                    "Please try again in a minute."
+                    f"The server is busy ({waiting} images waiting). Please try again in a minute."
                 )
-            position = len(self._waiting)
-            self._waiting.append(job)
+            self._clients.setdefault(request.client, collections.deque()).append(job)
+            position = self._start_order().index(job)
             job.post(JobEvent("queued", total=self.pipeline.image_length, queue_position=position))
             self._cond.notify_all()
         return job
@@ -277,13 +299,23 @@ class Scheduler:
         """Stop accepting requests, fail the waiting ones and let the current loop finish."""
         with self._cond:
             self._closed = True
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = [job for jobs in self._clients.values() for job in jobs]
+            self._clients.clear()
             self._cond.notify_all()
         for job in waiting:
             job.finish(JobEvent("error", error="The server is shutting down."))
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
+
+    def close_if_idle(self) -> bool:
+        """Close if no request is waiting (a loop already running still finishes its requests);
+        returns whether it closed. Checked and closed at once, so no request is turned away."""
+        with self._cond:
+            if self._clients:
+                return False
+            self._closed = True
+            self._cond.notify_all()
+        return True
 
     def __enter__(self) -> "Scheduler":
         return self
@@ -291,40 +323,76 @@ class Scheduler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- worker ---------------------------------------------------------------------------
+    # ---- worker (the methods below run with self._cond held unless they say otherwise) ------
+
+    def _waiting_images(self) -> int:
+        return sum(job.rows_left for jobs in self._clients.values() for job in jobs)
+
+    def _start_order(self) -> list[Job]:
+        """The waiting jobs not yet started, in the order the round-robin will start them.
+
+        A client's turn comes once per round, in rotation order, while it has rows left; so a
+        job starts in the round numbered by the rows queued ahead of it by the same client.
+        """
+        keyed = []
+        for turn, jobs in enumerate(self._clients.values()):
+            ahead = 0
+            for job in jobs:
+                if not job.started:
+                    keyed.append((ahead, turn, job))
+                ahead += job.rows_left
+        keyed.sort(key=lambda k: k[:2])
+        return [job for _, _, job in keyed]
 
     def _forget(self, job: Job) -> None:
         with self._cond:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                pass
+            jobs = self._clients.get(job.request.client)
+            if jobs is not None and job in jobs:
+                jobs.remove(job)
+                if not jobs:
+                    del self._clients[job.request.client]
+
+    def _take_image(self) -> tuple[Job, int] | None:
+        """The next image round-robin: one row of the next client's oldest job; that client then
+        goes to the back of the rotation (or leaves it, with nothing left)."""
+        while self._clients:
+            client, jobs = next(iter(self._clients.items()))
+            job = jobs[0]
+            if job.finished:  # failed in an earlier loop with rows still waiting
+                jobs.popleft()
+                if not jobs:
+                    del self._clients[client]
+                continue
+            row = job.take_rows(1)[0]
+            if job.rows_left == 0:
+                jobs.popleft()
+            if jobs:
+                self._clients.move_to_end(client)
+            else:
+                del self._clients[client]
+            return job, row
+        return None
 
     def _take_batch(self) -> list[_Slot] | None:
-        """Wait for work, then take rows from waiting jobs in arrival order up to the limit."""
+        """Wait for work, then fill a loop with images taken round-robin across clients.
+        (Takes the lock itself.)"""
         with self._cond:
-            while not self._waiting and not self._closed:
+            while not self._clients and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
         if self.gather_s > 0:
             time.sleep(self.gather_s)
-        slots: list[_Slot] = []
-        room = self.max_batch_images
+        taken: dict[Job, list[int]] = {}
         with self._cond:
-            while self._waiting and room > 0:
-                job = self._waiting[0]
-                if job.finished:
-                    self._waiting.popleft()
-                    continue
-                rows = job.take_rows(room)
-                slots.append(_Slot(job, rows))
-                room -= len(rows)
-                if job.rows_left == 0:
-                    self._waiting.popleft()
-            for position, job in enumerate(list(self._waiting)[:QUEUE_UPDATES]):
+            for _ in range(self.max_batch_images):
+                image = self._take_image()
+                if image is None:
+                    break
+                taken.setdefault(image[0], []).append(image[1])
+            for position, job in enumerate(self._start_order()[:QUEUE_UPDATES]):
                 job.post(JobEvent("queued", total=self.pipeline.image_length, queue_position=position))
-        return slots
+        return [_Slot(job, rows) for job, rows in taken.items()]
 
     def _run(self) -> None:
         while True:
@@ -419,5 +487,5 @@ def _describe(error: BaseException) -> str:
 
 __all__ = [
     "GenerationRequest", "Job", "JobCancelled", "JobEvent", "JobFailed", "QueueFullError",
-    "Scheduler",
+    "Scheduler", "SchedulerClosed",
 ]

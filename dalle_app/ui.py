@@ -9,6 +9,10 @@ stops at once and the other requests decoded in the same batch go on undisturbed
 
 The endpoint runs with Gradio's preprocessing off: raw JSON values reach `validation.py`,
 which checks every parameter in one place, for the UI, the API and the CLI alike.
+
+Each request is keyed by its client (`visitor_key`) and admitted through `admission.Admission`
+before it reaches a scheduler: a client with too many images waiting is told so at once, and
+the scheduler shares its decoding loops round-robin across clients.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image
 
 from dalle_app import images as pngs
-from dalle_app.catalog import Catalog, ModelLoadError, ModelPool
-from dalle_app.request import DEFAULT_NUM_IMAGES, RANDOM_SEED, GenerationRequest
-from dalle_app.scheduler import Job, JobEvent, QueueFullError, Scheduler
+from dalle_app.admission import Admission, ClientLimitError, Ticket, client_key
+from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
+from dalle_app.request import DEFAULT_NUM_IMAGES, LOCAL_CLIENT, MAX_SEED, RANDOM_SEED, GenerationRequest
+from dalle_app.scheduler import Job, JobEvent, QueueFullError, Scheduler, SchedulerClosed
 from dalle_app.uploads import MAX_UPLOAD_BYTES, start_completion
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
@@ -43,7 +48,7 @@ CONCURRENCY = 256
 """Generate events running at once. A running event only awaits its scheduler job (no thread),
 so this is well above the scheduler's own bound: every request reaches the scheduler, which
 batches those waiting into its next decoding loop and answers BUSY_MESSAGE beyond its queue
-(scheduler.MAX_QUEUE waiting jobs per model)."""
+(scheduler.MAX_QUEUED_IMAGES waiting images per model)."""
 MAX_QUEUE = 64
 """Events Gradio holds beyond CONCURRENCY (a safety net; clients then see "Queue is full")."""
 GRID_MAX_AGE_S = 900
@@ -56,8 +61,33 @@ EXAMPLES = [
     "a pink cross and a cyan circle",
     "a purple diamond",
 ]
+"""Prompts the embedded model knows every word of (its world: coloured shapes and relations)."""
+CLASSIC_EXAMPLES = [
+    "an armchair in the shape of an avocado",
+    "sunset over a lake in the mountains",
+    "the Eiffel tower landing on the moon",
+    "a watercolor painting of a fox in a snowy forest",
+    "a snail made of harp",
+]
+"""Prompts in the spirit of DALL·E Mini's own demos, for models that learned from open captions."""
 
-CSS = ".notice {font-size: 0.9em}"
+STATUS_REFRESH_S = 5.0
+"""How often an open page checks whether a default model loading in the background is ready."""
+GALLERY_TOP_PX = 360
+"""Roughly where the gallery starts on the page (title, model line, prompt row, closed settings):
+the gallery takes the rest of the window, and its grid is narrowed so that every row fits."""
+
+CSS = f"""
+.notice {{font-size: 0.9em}}
+#gallery .grid-wrap {{overflow-y: auto}}
+#gallery .caption-label {{font-size: 0.75em}}
+#gallery .grid-container {{
+  max-width: calc((100vh - {GALLERY_TOP_PX + 40}px) * var(--grid-cols) / var(--grid-rows));
+  margin: 0 auto;
+}}
+"""
+TITLE_JS = "(heading) => { document.title = heading.replace(/^#\\s*/, '').split('\\n')[0] + ' · dalle_app'; }"
+"""Sets the browser tab's title from the page heading (the active model)."""
 
 SLIDER_STEP = 0.05
 """Step (and lowest value) of the temperature and top-p sliders; the API accepts any valid value."""
@@ -99,6 +129,20 @@ async def job_events(job: Job) -> AsyncIterator[JobEvent]:
             return
 
 
+def visitor_key(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str:
+    """The client key of a Gradio request (`admission.client_key`): the user logged in through
+    the app's `auth` or "Sign in with Hugging Face", else the visitor's address as Gradio
+    reports it (behind a proxy, the forwarded one), else the browser session. Without a
+    request (the handler called directly), LOCAL_CLIENT."""
+    if request is None:
+        return LOCAL_CLIENT
+    username = getattr(request, "username", None) or (profile.username if profile is not None else None)
+    peer = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    return client_key(username=username, host=getattr(peer, "host", None),
+                      forwarded_for=headers.get("x-forwarded-for"), session=request.session_hash)
+
+
 def score_value(score: float) -> float | None:
     """A JSON-safe score: None when the model has no CLIP (the pipeline reports nan)."""
     value = float(score)
@@ -113,16 +157,23 @@ def caption(rank: int, score: float | None, seed: int) -> str:
 class Handlers:
     """The app's event functions, bound to a model catalog and its loaded schedulers."""
 
-    def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None,
+                 machine_warning: str | None = None, *, admission: Admission | None = None) -> None:
+        """`machine_warning` (hardware.gpu_backend_warning) is shown under the title; `admission`
+        holds each client's images waiting, all models together (default: the limit from
+        $DALLE_APP_MAX_IMAGES_PER_CLIENT)."""
         self.catalog = catalog
         self.pool = pool
+        self.admission = admission or Admission.from_env()
         self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
+        self.machine_warning = machine_warning
+        self._request_seconds: dict[str, float] = {}  # recent time per request, by model
 
-    def validate(self, *values: Any) -> GenerationRequest:
+    def validate(self, *values: Any, client: str = LOCAL_CLIENT) -> GenerationRequest:
         try:
             return validate_request(
-                *values, models=self.catalog.usability(), default_model=self.catalog.default,
-                recommended=self.catalog.recommended(),
+                *values, models=self.catalog.usability(), default_model=self.pool.active_default(),
+                recommended=self.catalog.recommended(), client=client,
             )
         except ValidationError as e:
             raise _error(str(e)) from None
@@ -133,14 +184,25 @@ class Handlers:
         except ModelLoadError as e:
             raise _error(str(e)) from None
 
-    async def _submit(self, request: GenerationRequest) -> Job:
-        scheduler = await self._scheduler(request.model)
+    def admit(self, request: GenerationRequest) -> Ticket:
+        """Count the request's images against its client, or tell the user the client's limit."""
         try:
-            return scheduler.submit(request)
-        except QueueFullError:
-            raise _error(BUSY_MESSAGE) from None
-        except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+            return self.admission.admit(request.client, request.num_images)
+        except ClientLimitError as e:
             raise _error(str(e)) from None
+
+    async def _submit(self, request: GenerationRequest) -> Job:
+        for _ in range(2):  # a model unloaded (to make room) between get and submit is loaded again
+            scheduler = await self._scheduler(request.model)
+            try:
+                return scheduler.submit(request)
+            except SchedulerClosed:
+                continue
+            except QueueFullError:
+                raise _error(BUSY_MESSAGE) from None
+            except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+                raise _error(str(e)) from None
+        raise _error(BUSY_MESSAGE)
 
     async def generate(
         self,
@@ -155,10 +217,16 @@ class Handlers:
         cond_scale: float | None = None,
         seamless: bool = False,
         progress: gr.Progress = gr.Progress(),
+        visitor: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
-        """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary."""
+        """Generate images for a prompt; yields the gallery (partial, then ranked) and a summary.
+
+        Gradio fills in `visitor` (the HTTP request) and `profile` (the Hugging Face user, when
+        the app offers a login): they say whose request it is."""
         request = self.validate(
-            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless,
+            client=visitor_key(visitor, profile),
         )
         async for update in self._run(request, progress):
             yield update
@@ -178,12 +246,15 @@ class Handlers:
         cond_scale: float | None = None,
         seamless: bool = False,
         progress: gr.Progress = gr.Progress(),
+        visitor: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
         """Keep the top `keep_rows` code rows of `image` and draw the rest from the prompt; yields
         like `generate`. A PNG this app made starts from its own codes, any other picture from
         its VQGAN encoding."""
         request = self.validate(
-            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless,
+            client=visitor_key(visitor, profile),
         )
         image = uploaded_file(image)
         scheduler = await self._scheduler(request.model)
@@ -199,7 +270,12 @@ class Handlers:
         """Submit a checked request and stream its gallery and summary."""
         for notice in request.notices:
             gr.Warning(html.escape(notice, quote=False))
-        job = await self._submit(request)
+        ticket = self.admit(request)
+        try:
+            job = await self._submit(request)
+        except BaseException:
+            ticket.release()
+            raise
         finished = False
         try:
             summary = {**request.parameters(), "status": "queued", "notices": list(request.notices)}
@@ -207,8 +283,7 @@ class Handlers:
             yield [], summary
             async for event in job_events(job):
                 if event.kind == "queued":
-                    ahead = event.queue_position or 0
-                    progress(0.0, desc=f"Queued ({ahead} request(s) ahead)" if ahead else "Starting")
+                    progress(0.0, desc=self.queue_message(request.model, event.queue_position or 0))
                 elif event.kind == "progress":
                     progress((event.step, event.total), desc="Generating image tokens", unit="steps")
                     if event.partial_images:
@@ -228,15 +303,29 @@ class Handlers:
         finally:
             if not finished:
                 job.cancel()
+            ticket.release()
+
+    def queue_message(self, model: str, ahead: int) -> str:
+        """What a waiting request is told: how many requests are ahead and, once this model has
+        answered a request, about how long that is (requests ahead may share a loop: at most)."""
+        if not ahead:
+            return "Starting"
+        seconds = self._request_seconds.get(model)
+        wait = f", about {math.ceil(ahead * seconds)} s" if seconds else ""
+        return f"Queued: {ahead} request(s) ahead{wait}"
 
     def _final(self, request: GenerationRequest, event: JobEvent) -> tuple[list, dict[str, Any]]:
         output = event.result
         assert output is not None
+        seconds = float(output.timings.get("total_s", 0.0))
+        if seconds > 0:  # a running average of this model's request time, for queue_message
+            previous = self._request_seconds.get(request.model, seconds)
+            self._request_seconds[request.model] = 0.7 * previous + 0.3 * seconds
         ranked = output.images[0]  # the pipeline ranks by CLIP score, best first
-        notices = list(request.notices)
-        if any(output.truncated):
-            notices.append("The prompt is longer than the model's text length; its end was ignored.")
-            gr.Warning(notices[-1])
+        read = self.catalog.text_notices(request.model, output.normalized[0], output.truncated[0])
+        for notice in read:
+            gr.Warning(html.escape(notice, quote=False))
+        notices = [*request.notices, *read]
         params = request.parameters()
         scores = [score_value(g.score) for g in ranked]
         gallery = [
@@ -318,10 +407,79 @@ class Handlers:
         note = f" ({html.escape(entry.note, quote=False)})" if entry.note else ""
         return f"Model **{entry.name}**: {html.escape(entry.label, quote=False)}{note}"
 
-    def model_changed(self, model: str | None) -> tuple[str, float, int, float, float]:
-        """On a new model choice: its status line, and the sliders set to its recommended settings."""
-        d = self.catalog.sampling_defaults(model or self.catalog.default)
-        return self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale
+    def model_changed(self, model: str | None) -> tuple[str, float, int, float, float, Any]:
+        """On a new model choice: its status line, the sliders set to its recommended settings,
+        and examples that suit it."""
+        name = model or self.pool.active_default()
+        d = self.catalog.sampling_defaults(name)
+        samples = [[e] for e in examples_for(self.catalog, name)]
+        return (self.model_status(model), d.temperature, d.top_k, d.top_p, d.cond_scale,
+                gr.Dataset(samples=samples))
+
+    def heading(self) -> str:
+        """The page heading: the model that answers by default right now."""
+        return f"# {short_label(self.catalog.entries[self.pool.active_default()])}"
+
+    def active_model_line(self) -> str:
+        """The line under the title: which model answers and why; for the embedded model, what it
+        can draw and how to get DALL·E Mini or Mega; a GPU that JAX cannot use."""
+        lines = [html.escape(self.pool.default_status(), quote=False)]
+        if self.pool.active_default() == EMBEDDED:
+            others = [e.label for e in self.catalog.entries.values() if e.available and e.name != EMBEDDED]
+            switch = (f" For anything else choose {' or '.join(others)} under **Advanced settings → Model** "
+                      "(downloaded on first use)." if others else "")
+            lines.append("The embedded model is a small built-in model that draws coloured shapes (64×64), "
+                         f"e.g. *{EXAMPLES[0]}*.{switch}")
+        if self.machine_warning:
+            lines.append(f"⚠️ {html.escape(self.machine_warning, quote=False)}")
+        return "  \n".join(lines)
+
+    def page_opened(self) -> tuple[str, str, str, float, int, float, float, Any, Any]:
+        """A page was opened: heading, model line, and the model menu with its settings set to the
+        model that answers now; the status timer runs while a default model is still loading."""
+        name = self.pool.active_default()
+        _, temperature, top_k, top_p, cond_scale, examples = self.model_changed(name)
+        return (self.heading(), self.active_model_line(), self._menu(name), temperature, top_k, top_p,
+                cond_scale, examples, gr.Timer(active=self.pool.default_loading()))
+
+    def status_tick(self) -> tuple[str, str, Any]:
+        """While the default model loads: refresh the heading and model line; once it is ready,
+        select it in the model menu and stop the timer."""
+        if self.pool.default_loading():
+            return self.heading(), self.active_model_line(), gr.Dropdown()
+        return self.heading(), self.active_model_line(), self._menu(self.pool.active_default())
+
+    def _menu(self, name: str) -> Any:
+        return gr.Dropdown(choices=self.catalog.choices(), value=name)
+
+    def timer_state(self) -> Any:
+        return gr.Timer(active=self.pool.default_loading())
+
+    @staticmethod
+    def before_generate(num_images: float | None, seed: float | None, randomize: bool) -> tuple[Any, Any, int]:
+        """On Generate: hide the old grid download, lay the gallery out for the number of images
+        asked for, and pick the seed to send (-1 when "Randomize seed" is ticked)."""
+        count = int(num_images) if isinstance(num_images, (int, float)) and num_images >= 1 else 1
+        columns, rows = pngs.grid_shape(count)
+        use = RANDOM_SEED if randomize or seed is None else int(seed)
+        return gr.DownloadButton(visible=False), gr.Gallery(columns=columns, rows=rows), use
+
+    @staticmethod
+    def seed_used(summary: dict | None) -> Any:
+        """After a run, the seed it used (so one click on "Randomize seed" reuses it)."""
+        seed = (summary or {}).get("parameters", {}).get("seed")
+        return gr.Number() if seed is None else seed
+
+
+def short_label(entry: ModelEntry) -> str:
+    """A model's name without the details in parentheses: "Embedded default", "DALL·E Mini"."""
+    return entry.label.split(" (", 1)[0]
+
+
+def examples_for(catalog: Catalog, name: str) -> list[str]:
+    """Example prompts that suit the model: shapes for the embedded one, classic prompts otherwise."""
+    entry = catalog.entries.get(name)
+    return EXAMPLES if entry is None or entry.parts.get("dalle") is None else CLASSIC_EXAMPLES
 
 
 def uploaded_file(value: Any) -> Any:
@@ -350,18 +508,18 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
     """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
     h = handlers or Handlers(catalog, pool)
     n, k, p, c = (NUMBERS[x] for x in ("num_images", "top_k", "top_p", "cond_scale"))
-    start = catalog.sampling_defaults(catalog.default)  # the default model's recommended settings
-    with gr.Blocks(title="DALL·E Mini", delete_cache=(600, 3600)) as demo:
-        gr.Markdown(
-            "# DALL·E Mini\nType a prompt and press **Enter** or **Generate**. Images are ranked by CLIP; "
-            "each caption gives its score and seed."
-        )
+    active = pool.active_default()
+    start = catalog.sampling_defaults(active)  # the active model's recommended settings
+    columns, rows = pngs.grid_shape(int(n.default))
+    with gr.Blocks(title=f"{short_label(catalog.entries[active])} · dalle_app", delete_cache=(600, 3600)) as demo:
+        heading = gr.Markdown(h.heading(), elem_id="heading")
+        active_line = gr.Markdown(h.active_model_line(), elem_id="active-model", elem_classes="notice")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="generate-tab"):
                 with gr.Row(equal_height=True):
                     prompt = gr.Textbox(
-                        label="Prompt", placeholder=EXAMPLES[0], lines=1, max_lines=1, scale=5,
-                        max_length=None, autofocus=True, elem_id="prompt",
+                        label="Prompt", placeholder=examples_for(catalog, active)[0], lines=1, max_lines=1,
+                        scale=5, max_length=None, autofocus=True, elem_id="prompt",
                     )
                     run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop")
@@ -371,7 +529,8 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                     start_image = gr.Image(label="Start image", type="filepath", format="png",
                                            sources=["upload", "clipboard"], height=300, elem_id="start-image")
                     with gr.Column():
-                        complete_prompt = gr.Textbox(label="Completion prompt", placeholder=EXAMPLES[0], lines=1,
+                        complete_prompt = gr.Textbox(label="Completion prompt",
+                                                     placeholder=examples_for(catalog, active)[0], lines=1,
                                                      max_lines=1, max_length=None, elem_id="complete-prompt")
                         keep_rows = gr.Slider(1, KEEP_ROWS_MAX, value=DEFAULT_KEEP_ROWS, step=1,
                                               label="Rows of codes to keep from the top", elem_id="keep-rows")
@@ -382,12 +541,13 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             negative = gr.Textbox(label="Negative prompt", placeholder="what the images should not show",
                                   lines=1, max_lines=2)
             with gr.Row():
-                model = gr.Dropdown(choices=catalog.choices(), value=catalog.default, label="Model",
+                model = gr.Dropdown(choices=catalog.choices(), value=active, label="Model",
                                     elem_id="model", scale=2)
                 num_images = gr.Slider(n.minimum, n.maximum, value=n.default, step=1, label="Number of images")
-                seed = gr.Number(value=RANDOM_SEED, precision=0, label="Seed (-1 = random)")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
+                randomize = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize-seed")
                 seamless = gr.Checkbox(False, label="Tileable (seamless) images", elem_id="seamless")
-            model_info = gr.Markdown(h.model_status(catalog.default), elem_classes="notice")
+            model_info = gr.Markdown(h.model_status(active), elem_classes="notice")
             gr.Markdown(availability_markdown(catalog), elem_classes="notice")
             with gr.Row():
                 temperature = gr.Slider(SLIDER_STEP, MAX_SLIDER_TEMPERATURE, value=start.temperature,
@@ -397,8 +557,9 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                 cond_scale = gr.Slider(c.minimum, c.maximum, value=start.cond_scale, step=COND_SCALE_STEP,
                                        label="Condition scale")
         gallery = gr.Gallery(
-            label="Results (ranked by CLIP)", columns=4, height=740, object_fit="contain",
-            format="png", elem_id="gallery", buttons=["download", "fullscreen"], interactive=False,
+            label="Results (ranked by CLIP)", columns=columns, rows=rows, height=f"calc(100vh - {GALLERY_TOP_PX}px)",
+            object_fit="contain", format="png", elem_id="gallery", buttons=["share", "download", "fullscreen"],
+            interactive=False,
         )
         selected = gr.State(None)
         with gr.Row():
@@ -408,21 +569,30 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
                           elem_id="tiling")
         with gr.Accordion("Details", open=False):
             summary = gr.JSON(label="Summary", elem_id="summary")
-        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Examples")
+        examples = gr.Examples(examples=[[e] for e in examples_for(catalog, active)], inputs=[prompt],
+                               label="Examples")
+        request_seed = gr.Number(value=RANDOM_SEED, precision=0, visible=False)  # what /generate is sent
+        status_timer = gr.Timer(STATUS_REFRESH_S, active=pool.default_loading())
 
-        settings = [negative, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless]
-        hide = (lambda: (gr.DownloadButton(visible=False), gr.Image(visible=False), None),
-                None, [download, tiling, selected])
-        started = gr.on([run.click, prompt.submit], *hide, queue=False, api_visibility="private")
+        common = [negative, model, num_images, request_seed, temperature, top_k, top_p, cond_scale, seamless]
+        gr.on([run.click, prompt.submit, complete_run.click, complete_prompt.submit],
+              lambda: (gr.Image(visible=False), None), None, [tiling, selected], queue=False,
+              api_visibility="private")
+        started = gr.on(
+            [run.click, prompt.submit], h.before_generate, [num_images, seed, randomize],
+            [download, gallery, request_seed], queue=False, api_visibility="private",
+        )
         generating = started.then(
-            h.generate, [prompt, *settings], [gallery, summary], api_name="generate",
+            h.generate, [prompt, *common], [gallery, summary], api_name="generate",
             api_description="Generate images for a prompt; returns the CLIP-ranked gallery and a JSON summary.",
             preprocess=False, concurrency_limit=CONCURRENCY, concurrency_id="generate",
         )
-        complete_started = gr.on([complete_run.click, complete_prompt.submit], *hide, queue=False,
-                                 api_visibility="private")
+        complete_started = gr.on(
+            [complete_run.click, complete_prompt.submit], h.before_generate, [num_images, seed, randomize],
+            [download, gallery, request_seed], queue=False, api_visibility="private",
+        )
         completing = complete_started.then(
-            h.complete, [start_image, complete_prompt, keep_rows, *settings], [gallery, summary],
+            h.complete, [start_image, complete_prompt, keep_rows, *common], [gallery, summary],
             api_name="complete",
             api_description="Keep the top keep_rows code rows of an image and draw the rest from the prompt; "
                             "returns the CLIP-ranked gallery and a JSON summary, like /generate.",
@@ -430,6 +600,7 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
         )
         for event in (generating, completing):
             event.success(h.grid_download, [gallery, summary], download, api_visibility="private")
+            event.success(h.seed_used, summary, seed, api_visibility="private", queue=False)
             event.success(h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
         stop.click(None, None, None, cancels=[generating])
         complete_stop.click(None, None, None, cancels=[completing])
@@ -437,8 +608,13 @@ def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = 
             h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
         complete_from.click(h.complete_from, [gallery, selected, prompt], [tabs, start_image, complete_prompt],
                             api_visibility="private")
-        model.change(h.model_changed, model, [model_info, temperature, top_k, top_p, cond_scale],
-                     api_visibility="private", queue=False)
+        settings = [model_info, temperature, top_k, top_p, cond_scale, examples.dataset]
+        model.change(h.model_changed, model, settings, api_visibility="private", queue=False)
+        demo.load(h.page_opened, None, [heading, active_line, model, *settings[1:], status_timer],
+                  api_visibility="private", queue=False).then(None, heading, None, js=TITLE_JS)
+        status_timer.tick(h.status_tick, None, [heading, active_line, model], api_visibility="private",
+                          queue=False).then(h.timer_state, None, status_timer, api_visibility="private",
+                                            queue=False).then(None, heading, None, js=TITLE_JS)
     demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
     return demo
 
@@ -466,23 +642,32 @@ def warmup_sizes(env: dict[str, str] | os._Environ = os.environ) -> tuple[int, .
 def main() -> None:
     """`python app.py`: load and warm the default model, then serve (127.0.0.1:7860 unless
     GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise)."""
-    from dalle_app.catalog import load_scheduler
+    from dalle_app.catalog import EMBEDDED, load_scheduler
+    from dalle_app.hardware import gpu_backend_warning, memory_budget_gb
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    warning = gpu_backend_warning()
+    if warning:
+        log.warning(warning)
     catalog = Catalog.from_env()
-    pool = ModelPool(catalog, load_scheduler)
+    pool = ModelPool(catalog, load_scheduler, budget_gb=memory_budget_gb())
+    log.info("default model %r: %s", catalog.default, catalog.default_reason)
+    # A default that may need a download or a long load is loaded behind the embedded model.
+    first = EMBEDDED if catalog.default != EMBEDDED and EMBEDDED in catalog.entries else catalog.default
     started = time.perf_counter()
-    print(f"Loading the default model {catalog.default!r}...", flush=True)
+    print(f"Loading the model {first!r}...", flush=True)
     try:
-        scheduler = pool.get(catalog.default)
+        scheduler = pool.get(first)
         sizes = warmup_sizes()
         if sizes:
             scheduler.pipeline.warmup(sizes)
-        print(f"Model {catalog.default!r} ready in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"Model {first!r} ready in {time.perf_counter() - started:.1f} s", flush=True)
     except ModelLoadError as e:  # still serve: other models may work, and the error is shown per request
-        log.error("the default model could not be loaded: %s", e)
-    demo = build_app(catalog, pool)
+        log.error("the model %r could not be loaded: %s", first, e)
+    if first != catalog.default:
+        pool.load_default_in_background()
+    demo = build_app(catalog, pool, handlers=Handlers(catalog, pool, machine_warning=warning))
     _, url, _ = demo.launch(prevent_thread_lock=True, **launch_kwargs())
     print(f"dalle_app is listening on {url}", flush=True)
     demo.block_thread()

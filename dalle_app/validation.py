@@ -21,6 +21,7 @@ import emoji
 from dalle_app.request import (
     DEFAULT_NUM_IMAGES,
     DEFAULT_SAMPLING,
+    LOCAL_CLIENT,
     MAX_SEED,
     RANDOM_SEED,
     SAMPLING_FIELDS,
@@ -237,11 +238,13 @@ def validate_request(
     default_model: str,
     draw_seed: Callable[[], int] = random_seed,
     recommended: Mapping[str, Mapping[str, float]] | None = None,
+    client: str = LOCAL_CLIENT,
 ) -> GenerationRequest:
     """Check every parameter of one request; raise ValidationError naming the first bad one.
 
     Sampling settings left out (None) take the chosen model's `recommended` ones (by model name),
-    else DALL·E Mini's defaults."""
+    else DALL·E Mini's defaults. `client` is whose request it is (set by the front end, never
+    typed by the user), copied into the record."""
     text, notices = clean_text(prompt, "prompt", required=True)
     negative, negative_notices = clean_text(negative_prompt, "negative_prompt", required=False)
     chosen = check_model(model, models, default_model)
@@ -259,6 +262,7 @@ def validate_request(
         seed=chosen_seed,
         sampling=SamplingSettings(**sampling),
         notices=tuple(notices + negative_notices),
+        client=client,
         seamless=check_flag(seamless, "seamless"),
     )
 

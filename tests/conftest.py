@@ -1,13 +1,18 @@
-"""Shared test setup: CPU only, deterministic RNG stream, fixture paths; under CI=true a
-browser test that is skipped (no Chromium, no Playwright) is reported as a failure."""
+"""Shared test setup: CPU only, an empty Hugging Face cache, deterministic RNG stream, fixture
+paths; under CI=true a browser test that is skipped (no Chromium, no Playwright) is reported as a failure."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# An empty Hugging Face cache of the tests' own: the `auto` default model and the availability
+# checks must not depend on what the machine running the tests has downloaded.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dalle-app-tests-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
 
 import pytest  # noqa: E402
 

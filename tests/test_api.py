@@ -80,7 +80,8 @@ def server(tmp_path_factory):
         if entry.name.startswith("oom"):
             return recording_scheduler(OutOfMemoryPipeline(pipeline, int(entry.name[3:])))
         if entry.name == "tight":
-            return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=4, max_queue=1, gather_s=0.0)
+            return recording_scheduler(SlowPipeline(pipeline, 0.25), progress_every=4, max_queued_images=1,
+                                       gather_s=0.0)
         return recording_scheduler(pipeline)
 
     pool = ModelPool(catalog, load)

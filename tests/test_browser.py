@@ -7,6 +7,7 @@ DALLE_APP_SCREENSHOT=path to keep a screenshot of the filled gallery (for the RE
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -160,6 +161,69 @@ def test_progress_then_previews_then_stop_cancels(page, app_url, tmp_path):
     expect(page.locator("#gallery").get_by_text("preview").first).to_be_visible()
     assert page.locator("#gallery").get_by_text("#1 · CLIP").count() == 0
     expect(page.locator("#download-grid")).to_be_hidden()
+
+
+def test_nine_images_show_as_three_rows_of_three_without_scrolling(page, tmp_path):
+    """At 1280x1000 the whole 3x3 grid is in the window and the gallery has no scroll bar of its own;
+    the seed a random run used is written back beside the "Randomize seed" box."""
+    expect = playwright_api.expect
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    open_advanced_and_set_images(page, 9)
+    page.get_by_text("Advanced settings").click()  # closed again: the gallery starts where it does on arrival
+    page.get_by_label("Prompt", exact=True).fill("a red square above a blue circle")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery").get_by_text("#9 · CLIP")).to_be_visible(timeout=240_000)
+    expect(page.locator("#download-grid")).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(500)  # let the images finish their layout
+    shot = tmp_path / "gallery_9.png"
+    page.screenshot(path=str(shot))
+    if os.environ.get("DALLE_APP_GALLERY_SCREENSHOT"):
+        shutil.copy(shot, os.environ["DALLE_APP_GALLERY_SCREENSHOT"])
+    layout = page.evaluate("""() => {
+        const boxes = [...document.querySelectorAll('#gallery .grid-container img')].map(img => img.getBoundingClientRect());
+        const wrap = document.querySelector('#gallery .grid-wrap');
+        return {boxes: boxes.map(b => [b.left, b.top, b.right, b.bottom]),
+                scroll: wrap.scrollHeight - wrap.clientHeight, title: document.title};
+    }""")
+    boxes = layout["boxes"]
+    assert len(boxes) == 9
+    assert len({round(b[0]) for b in boxes}) == 3 and len({round(b[1]) for b in boxes}) == 3, boxes
+    assert all(b[0] >= 0 and b[1] >= 0 and b[2] <= 1280 and b[3] <= 1000 for b in boxes), boxes
+    assert layout["scroll"] <= 1, "the gallery scrolls inside itself"
+    assert layout["title"].startswith("Embedded default") or layout["title"].startswith("Tiny random")
+
+    captions = page.locator("#gallery .caption-label").all_inner_texts()
+    seeds = sorted(int(text.rsplit("seed ", 1)[1]) for text in captions)
+    page.get_by_text("Advanced settings").click()
+    assert int(page.locator("#seed input").input_value()) == seeds[0]  # the run's first seed
+
+
+def test_a_written_back_seed_is_reused_with_one_click(page):
+    expect = playwright_api.expect
+    open_advanced_and_set_images(page, 1)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a green star")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_be_visible(timeout=240_000)
+    seed_box = page.locator("#seed input")
+    expect(seed_box).not_to_have_value("0", timeout=30_000)
+    used = seed_box.input_value()
+    assert page.locator("#gallery .caption-label").inner_text().endswith(f"seed {used}")
+    page.get_by_label("Randomize seed").uncheck()
+    prompt.fill("a purple diamond")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery .caption-label").first).to_have_text(
+        re.compile(rf"seed {used}$"), timeout=240_000)
+    expect(page.locator("#gallery .caption-label")).to_have_count(1)
+
+
+def test_the_active_model_line_says_what_the_model_draws(page):
+    expect = playwright_api.expect
+    line = page.locator("#active-model")
+    expect(line).to_contain_text("Model:", timeout=30_000)
+    if "Embedded" in page.title():
+        expect(line).to_contain_text("draws coloured shapes")
+        expect(page.get_by_text("a purple diamond").first).to_be_visible()  # the examples suit it
 
 
 def test_complete_an_image_tab_uploads_completes_and_restarts_from_the_gallery(page, tmp_path):

@@ -105,7 +105,7 @@ def test_big_request_is_split_over_loops() -> None:
 def test_queue_full_and_random_seed() -> None:
     pipe = FakePipeline()
     pipe.gate.clear()
-    with _scheduler(pipe, max_queue=2) as scheduler:
+    with _scheduler(pipe, max_queued_images=2) as scheduler:
         running = scheduler.submit(GenerationRequest("run", num_images=1))  # seed drawn by the record
         assert pipe.started.wait(5)
         waiting = [scheduler.submit(GenerationRequest("w", num_images=1)) for _ in range(2)]
@@ -217,3 +217,20 @@ def test_scheduler_with_the_real_pipeline(tmp_path) -> None:
         assert got.keys() == want.keys()
         for seed in got:
             np.testing.assert_array_equal(got[seed], want[seed])
+
+
+def test_close_if_idle_keeps_a_scheduler_with_waiting_requests_and_lets_a_running_loop_finish() -> None:
+    from dalle_app.scheduler import SchedulerClosed
+
+    pipe = FakePipeline()
+    pipe.gate.clear()
+    scheduler = _scheduler(pipe)
+    running = scheduler.submit(GenerationRequest("running", num_images=1, seed=1))
+    assert pipe.started.wait(5)
+    waiting = scheduler.submit(GenerationRequest("waiting", num_images=1, seed=2))
+    assert not scheduler.close_if_idle()  # a request waits: the model is in use
+    pipe.gate.set()
+    assert waiting.result(10).images[0][0].seed == 2 and running.result(10).images[0][0].seed == 1
+    assert scheduler.close_if_idle()
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(GenerationRequest("late", num_images=1, seed=3))

@@ -67,7 +67,8 @@ class ScriptedScheduler:
             n = request.num_images
             images = [SimpleNamespace(image=tile(10 * i), score=1.0 - 0.1 * i, seed=request.seed + n - i,
                                       codes=np.full(16, i, np.int32)) for i in range(n)]
-            result = SimpleNamespace(images=[images], timings={"total_s": 0.5}, truncated=[False])
+            result = SimpleNamespace(images=[images], timings={"total_s": 0.5}, normalized=[" " + request.prompt],
+                                     truncated=[False])
             events = [
                 JobEvent("queued", queue_position=1),
                 JobEvent("progress", step=8, total=16, partial_images=[tile(1), tile(2)]),
@@ -244,8 +245,11 @@ def test_sliders_follow_the_chosen_models_recommended_settings(tmp_path):
     catalog = Catalog.from_env({}, describe_all_available, lambda ref: {"cond_scale": 3.0} if ref is None else {})
     pool = ModelPool(catalog, lambda entry: ScriptedScheduler())
     h = Handlers(catalog, pool, grid_dir=tmp_path)
-    assert h.model_changed("mini")[1:] == (1.0, 50, 1.0, 10.0)
-    assert h.model_changed("embedded")[1:] == (1.0, 50, 1.0, 3.0)
+    assert h.model_changed("mini")[1:5] == (1.0, 50, 1.0, 10.0)
+    assert h.model_changed("embedded")[1:5] == (1.0, 50, 1.0, 3.0)
+    # the examples follow the model too: shapes for the embedded one, classic prompts for mini
+    assert h.model_changed("embedded")[5].raw_samples[0] == ["a red square above a blue circle"]
+    assert h.model_changed("mini")[5].raw_samples[0] == ["an armchair in the shape of an avocado"]
     demo = build_app(catalog, pool, handlers=h)
     sliders = {c.label: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider)}
     assert (sliders["Condition scale"], sliders["Top-k"]) == (3.0, 50)

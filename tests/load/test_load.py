@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import load  # noqa: E402  (benchmarks/load.py)
 
-BURST = 64  # the scheduler's queue holds 64 waiting jobs: none of these may be turned away
+BURST = 64  # the scheduler holds 256 waiting images: none of these 1-image requests may be turned away
 SOAK = 128
 MIN_SOAK_COMPLETED = 0.9  # the share of the soak that must come back with images
 
