@@ -223,14 +223,14 @@ def raw_call(url: str, body: str) -> str:
 
 @pytest.mark.parametrize("value,message", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")])
 def test_nan_and_infinity_over_raw_http_are_rejected(server, value, message):
-    body = '{"data": ["a red square", null, null, 1, -1, %s, 50, 1.0, 10.0]}' % value
+    body = '{"data": ["a red square", null, null, 1, -1, %s, 50, 1.0, 10.0, false]}' % value
     stream = raw_call(server[0], body)
     assert "event: error" in stream
     assert f"temperature must be a number greater than 0 and at most 5 (got {message})" in stream
 
 
 def test_lone_surrogates_from_a_browser_are_dropped_with_a_notice(server):
-    body = json.dumps({"data": ["a red square \\ud800", None, None, 1, 7, 1.0, 50, 1.0, 10.0]})
+    body = json.dumps({"data": ["a red square \\ud800", None, None, 1, 7, 1.0, 50, 1.0, 10.0, False]})
     body = body.replace("\\\\ud800", "\\ud800")  # a lone surrogate escape, as browsers send it
     stream = raw_call(server[0], body)
     assert "event: complete" in stream
