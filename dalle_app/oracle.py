@@ -24,7 +24,7 @@ background, name their color, shape and size, and read relations from their posi
 
 Judging a prompt (``shows`` / ``satisfies``), strictly (the default): the image holds exactly the
 asked objects and nothing else (an object of unknown color or shape counts too), in the asked
-relation with the margin. Leniently (``lenient=True``, for comparison with older figures): some
+relation with the margin. Leniently (``lenient=True``, kept for comparison): some
 detected objects match and stand in the asked relation without margin; other objects are
 tolerated, so a model that draws extra objects gets extra chances.
 """
