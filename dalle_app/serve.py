@@ -4,7 +4,7 @@
     python -m dalle_app.serve --replicas 2
     python -m dalle_app.serve --min-replicas 1 --max-replicas 8
     python -m dalle_app.serve --address auto       # join the cluster `ray start` runs on this machine
-    python -m dalle_app.serve --address ray://head:10001
+    python -m dalle_app.serve --address head:6379   # from a node of that cluster
 
 Without `--address` it starts a private Ray cluster on this machine, bound to 127.0.0.1, with
 Ray's dashboard and metrics off, and stops it on exit. The Gradio UI and `/generate` API are
@@ -155,8 +155,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-ongoing-requests", type=float, default=TARGET_ONGOING_REQUESTS,
                         help="autoscaling adds replicas above this many requests per replica "
                         f"(default {TARGET_ONGOING_REQUESTS})")
-    parser.add_argument("--address", help="an existing Ray cluster: 'auto' (the one `ray start` runs here), "
-                        "HOST:PORT or ray://HOST:10001; default: a private cluster on 127.0.0.1")
+    parser.add_argument("--address", help="an existing Ray cluster this machine is a node of: 'auto' (the "
+                        "one `ray start` runs here) or HEAD:6379; default: a private cluster on 127.0.0.1")
     parser.add_argument("--gpus-per-replica", type=float, help="GPUs each replica reserves "
                         "(default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves "
@@ -171,6 +171,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--replicas must be at least 1")
     if autoscaled and not 1 <= args.min_replicas <= args.max_replicas:
         parser.error("need 1 <= --min-replicas <= --max-replicas")
+    if args.address and args.address.startswith("ray://"):
+        parser.error("Ray Serve cannot stream to a front end connected through Ray Client (ray://): run this "
+                     "command on a node of the cluster (e.g. the head) with --address auto")
     if args.target_ongoing_requests <= 0:
         parser.error("--target-ongoing-requests must be > 0")
     if args.gpus_per_replica is not None and args.gpus_per_replica < 0 or args.cpus_per_replica < 0:

@@ -385,8 +385,9 @@ def availability_markdown(catalog: Catalog) -> str:
     return "Models that cannot be used here:\n" + "\n".join(lines) if lines else ""
 
 
-def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = None) -> gr.Blocks:
-    """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
+def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | None = None) -> gr.Blocks:
+    """The Blocks app (queue configured); launch it with `launch_kwargs()`. Without a pool, the
+    handlers say where requests go (e.g. Ray Serve replicas)."""
     h = handlers or Handlers(catalog, pool)
     n, k, p, c = (NUMBERS[x] for x in ("num_images", "top_k", "top_p", "cond_scale"))
     active = pool.active_default()

@@ -111,6 +111,15 @@ def test_same_seed_gives_the_same_images_as_the_single_process_app(apps, client)
         assert ours["caption"] == theirs["caption"]
 
 
+def test_everything_the_cluster_listens_on_is_loopback(apps):
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert len({c.pid for c in listening}) > 2  # Ray's servers and the replicas, not just this process
+    assert all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), listening
+
+
 def test_validation_messages_are_the_front_ends(client):
     with pytest.raises(AppError, match="Please enter a prompt"):
         client.predict(prompt="   ", api_name="/generate")
