@@ -169,9 +169,12 @@ def test_a_burst_of_32_users_times_2_completes_on_both_replicas_with_nothing_los
 def test_stop_cancels_the_request_on_its_replica(apps, client):
     handle = apps[2]
     before = sum(s.get("cancelled", 0) for s in replica_stats(handle).values())
-    # keep both replicas busy so the request to cancel is still waiting or decoding when cancelled
-    ahead = [client.submit(prompt="a blue star", num_images=16, seed=s, api_name="/generate") for s in range(4)]
-    user = Client(apps[1], verbose=False)  # its own session: Gradio's cancel stops a session's running events
+    # keep both replicas busy so the request to cancel is still waiting or decoding when cancelled;
+    # one session per request: Gradio's cancel stops all of a session's running events, and the
+    # fair queue counts a session's images
+    others = [Client(apps[1], verbose=False) for _ in range(4)]
+    ahead = [c.submit(prompt="a blue star", num_images=16, seed=s, api_name="/generate") for s, c in enumerate(others)]
+    user = Client(apps[1], verbose=False)
     try:
         victim = user.submit(prompt="a pink cross", num_images=16, seed=99, api_name="/generate")
         while not victim.outputs():  # its first update ("queued") says a replica has it
@@ -186,7 +189,8 @@ def test_stop_cancels_the_request_on_its_replica(apps, client):
         assert not any(isinstance(o, (list, tuple)) and len(o) == 2 and isinstance(o[1], dict)
                        and o[1].get("status") == "done" for o in victim.outputs())
     finally:
-        user.close()
+        for c in [user, *others]:
+            c.close()
 
 
 def replica_pid(replica: str) -> int:
