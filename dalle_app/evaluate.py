@@ -4,19 +4,30 @@
 ``--n-prompts`` held-out prompts (dalle_app.data.heldout_prompts: one-object prompts of held-out
 (color, shape) pairs and two-object prompts of held-out relation triples) with the shipped model
 (``DallePipeline.from_pretrained()``), lets the oracle judge every image and prints, as its last
-line, one JSON object. Figures (all in [0, 1]):
+line, one JSON object.
+
+``--split`` picks the prompts: ``test`` (the default) for the figures reported for a shipped
+model, ``validation`` for every recipe choice (training steps, sampling settings...), so the
+test prompts never steer the recipe (dalle_app.data.world describes both splits).
+
+The oracle judges strictly (dalle_app.oracle): an image is right only when it holds exactly the
+asked objects, nothing else, in the asked relation with a clear margin. Figures (all in [0, 1]):
 
 * ``oracle_ground_truth_accuracy``: the oracle reading exact scenes (objects, sizes, relation)
-  on fresh ground-truth held-out renders; the figures below are only as good as this one.
-* ``single_object_accuracy``: one-object prompts, share of *all* generated images that show the
-  asked color and shape on one object (the issue's "color+shape"; size not judged).
+  on fresh ground-truth renders of the split; the figures below are only as good as this one.
+* ``single_object_accuracy``: one-object prompts, share of *all* generated images that show
+  exactly one object, of the asked color and shape (size not judged).
   ``single_object_top1_accuracy``: the same for the CLIP-best image of each prompt only.
-  ``single_object_strict_accuracy``: color and shape, and the size too when the prompt asks one.
-  ``single_object_{unsized,small,large}_accuracy``: the strict figure split by the size the prompt
-  asks (none, small, large).
-* ``relation_accuracy`` / ``relation_top1_accuracy``: two-object prompts, both objects present
-  and in the asked relation; all images / CLIP-best image.
-* ``relation_objects_accuracy``: two-object prompts, both objects present, relation ignored.
+  ``single_object_sized_accuracy``: the same, and the size too when the prompt asks one.
+  ``single_object_{unsized,small,large}_accuracy``: the sized figure split by the size the
+  prompt asks (none, small, large).
+* ``relation_accuracy`` / ``relation_top1_accuracy``: two-object prompts, exactly the two asked
+  objects and in the asked relation; all images / CLIP-best image.
+* ``relation_objects_accuracy``: two-object prompts, both objects present, relation and other
+  objects ignored.
+* ``extra_object_rate``: all prompts, share of images with more objects than the prompt asks.
+* ``lenient_single_object_accuracy`` / ``lenient_relation_accuracy``: the two accuracies as the
+  lenient oracle judges them (other objects tolerated, relation without margin).
 * ``clip_top1_accuracy``: all prompts, the CLIP-best image is correct.
 * ``random_pick_accuracy``: all prompts, mean over every image (what a random pick gets).
 * ``best_of_k_accuracy``: all prompts, at least one image is correct (CLIP's ceiling).
@@ -54,40 +65,48 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from dalle_app.data import Prompt, Sample, Target, batch, heldout_prompts, render_prompt
+from dalle_app.data import Prompt, Sample, Split, Target, batch, heldout_prompts, render_prompt, triple_split
 from dalle_app.data.captions import with_article
-from dalle_app.data.world import RELATIONS, is_heldout_triple, training_pairs
+from dalle_app.data.world import RELATIONS, training_pairs
 from dalle_app.evaluate_completion import pipeline_figures
-from dalle_app.oracle import detect, matches, recovers_scene, satisfies
+from dalle_app.oracle import detect, matches, recovers_scene, shows
 
 # A generator maps prompt texts to, per prompt, (image uint8 (H, W, 3), score) ranked best first.
 Generator = Callable[[list[str], int, int], list[list[tuple[np.ndarray, float]]]]
 
 GROUND_TRUTH_SAMPLES = 200
+DATA_SPLITS: dict[str, Split] = {"test": "heldout", "validation": "validation"}  # --split -> dalle_app.data
 
 
 @dataclass(frozen=True)
 class Verdict:
     """The oracle on one image for one prompt: fully right, and which parts are right."""
 
-    correct: bool  # satisfies the prompt (oracle.satisfies)
-    objects: bool  # every asked object present (color, shape, size), relation ignored
-    pairs: bool  # every asked (color, shape) on one object, size and relation ignored
+    correct: bool  # shows the prompt, strictly (oracle.shows)
+    pairs: bool  # the same with the sizes left free
+    extra: bool  # more objects than the prompt asks
+    lenient: bool  # shows the prompt as the lenient oracle judges it
+    lenient_pairs: bool  # every asked (color, shape) on some object, size, relation and others ignored
+    objects: bool  # every asked object present (color, shape, size), relation and others ignored
     colors: bool  # every asked color present on some object
     shapes: bool  # every asked shape present on some object
 
 
 def verdict(image: np.ndarray, prompt: Prompt) -> Verdict:
     found = detect(image)
+    unsized = replace(prompt, targets=[replace(t, size=None) for t in prompt.targets])
     return Verdict(
-        correct=satisfies(image, prompt),
+        correct=shows(found, prompt),
+        pairs=shows(found, unsized),
+        extra=len(found) > len(prompt.targets),
+        lenient=shows(found, prompt, lenient=True),
+        lenient_pairs=all(any(d.color == t.color and d.shape == t.shape for d in found) for t in prompt.targets),
         objects=all(any(matches(d, t) for d in found) for t in prompt.targets),
-        pairs=all(any(d.color == t.color and d.shape == t.shape for d in found) for t in prompt.targets),
         colors=all(any(d.color == t.color for d in found) for t in prompt.targets),
         shapes=all(any(d.shape == t.shape for d in found) for t in prompt.targets),
     )
@@ -174,7 +193,7 @@ def seen_prompts(n: int, seed: int = 0) -> list[Prompt]:
             continue
         i, j = rng.choice(len(pairs), 2, replace=False)
         (ca, sa), (cb, sb), relation = pairs[i], pairs[j], RELATIONS[rng.integers(len(RELATIONS))]
-        if is_heldout_triple((ca, sa), relation, (cb, sb)):
+        if triple_split((ca, sa), relation, (cb, sb)) != "train":
             continue
         text = f"{with_article(f'{ca} {sa}')} {relation} {with_article(f'{cb} {sb}')}"
         out.append(Prompt(text, [Target(ca, sa), Target(cb, sb)], relation, "relation"))
@@ -182,7 +201,7 @@ def seen_prompts(n: int, seed: int = 0) -> list[Prompt]:
 
 
 def sampling_seed(seed: int, part: str) -> int:
-    """The generator's seed for one part ("heldout", "seen") of the evaluation at `seed`.
+    """The generator's seed for one part ("heldout", "validation", "seen") of the evaluation at `seed`.
 
     The pipeline gives image j of a call the seed (seed + j), so the calls of nearby evaluation
     seeds must not start at nearby sampling seeds: with seed and seed + 1 they would share all
@@ -205,16 +224,16 @@ def scene_prompt(sample: Sample) -> Prompt:
     return Prompt(sample.caption, targets, sample.relation, "single" if sample.relation is None else "relation")
 
 
-def oracle_ground_truth_accuracy(n: int = GROUND_TRUTH_SAMPLES, seed: int = 0) -> float:
-    """Exact scene recovery (objects, sizes, positions, relation) on fresh ground-truth held-out renders."""
-    truth = batch(seed=10_000 + seed, n=n, split="heldout")
+def oracle_ground_truth_accuracy(n: int = GROUND_TRUTH_SAMPLES, seed: int = 0, split: Split = "heldout") -> float:
+    """Exact scene recovery (objects, sizes, positions, relation) on fresh ground-truth renders of ``split``."""
+    truth = batch(seed=10_000 + seed, n=n, split=split)
     return float(np.mean([recovers_scene(s.image, s.objects, s.relation) for s in truth.samples]))
 
 
 def roundtrip_figures(roundtrip: Callable[[np.ndarray], np.ndarray], n: int = GROUND_TRUTH_SAMPLES,
-                      seed: int = 0) -> dict[str, float]:
-    """Ground-truth held-out renders passed through the VQGAN, judged against their own scene."""
-    truth = batch(seed=10_000 + seed, n=n, split="heldout")
+                      seed: int = 0, split: Split = "heldout") -> dict[str, float]:
+    """Ground-truth renders of ``split`` passed through the VQGAN, judged against their own scene."""
+    truth = batch(seed=10_000 + seed, n=n, split=split)
     verdicts = [verdict(image, scene_prompt(s)) for image, s in zip(roundtrip(truth.images), truth.samples)]
     return {
         "vqgan_roundtrip_accuracy": float(np.mean([v.correct for v in verdicts])),
@@ -271,12 +290,15 @@ def summarize(judged: list[Judged], seen: list[Judged]) -> dict[str, float | int
         "n_relation_prompts": len(relation),
         "single_object_accuracy": every(single, "pairs"),
         "single_object_top1_accuracy": top1(single, "pairs"),
-        "single_object_strict_accuracy": every(single),
+        "single_object_sized_accuracy": every(single),
         **{f"single_object_{name}_accuracy": every([j for j in single if j.prompt.targets[0].size == size])
            for name, size in (("unsized", None), ("small", "small"), ("large", "large"))},
         "relation_accuracy": every(relation),
         "relation_top1_accuracy": top1(relation),
         "relation_objects_accuracy": every(relation, "objects"),
+        "extra_object_rate": every(judged, "extra"),
+        "lenient_single_object_accuracy": every(single, "lenient_pairs"),
+        "lenient_relation_accuracy": every(relation, "lenient"),
         "clip_top1_accuracy": top1(judged),
         "random_pick_accuracy": every(judged),
         "best_of_k_accuracy": _mean([any(j.correct) for j in judged]),
@@ -300,33 +322,41 @@ def evaluate(
     generator: Generator | None = None,
     ground_truth_samples: int = GROUND_TRUTH_SAMPLES,
     grid_path: str | None = None,
-) -> dict[str, float | int | list[int] | None]:
-    """All figures of the module docstring; ``generator`` None means the shipped model. Several
-    seeds pool their prompts into one set of figures.
+    split: str = "test",
+) -> dict[str, float | int | str | list[int] | None]:
+    """All figures of the module docstring on ``split``'s prompts ("test" or "validation");
+    ``generator`` None means the shipped model. Several seeds pool their prompts into one set of
+    figures.
 
     ``grid_path``: also save the held-out prompts' images there as a PNG grid (see save_grid).
     """
     started = time.perf_counter()
+    if split not in DATA_SPLITS:
+        raise ValueError(f"split must be one of {sorted(DATA_SPLITS)}, got {split!r}")
+    data_split = DATA_SPLITS[split]
     seeds = [seed] if isinstance(seed, int) else list(seed)
     generate = generator if generator is not None else PipelineGenerator()
     judged: list[Judged] = []
     seen_judged: list[Judged] = []
     truth: list[dict[str, float]] = []
     for s in seeds:
-        prompts, seen = heldout_prompts(n_prompts, seed=s), seen_prompts(n_seen_prompts, seed=s)
-        judged += judge(prompts, generate, images_per_prompt, sampling_seed(s, "heldout")) if prompts else []
+        prompts = heldout_prompts(n_prompts, seed=s, split=data_split)
+        seen = seen_prompts(n_seen_prompts, seed=s)
+        judged += judge(prompts, generate, images_per_prompt, sampling_seed(s, data_split)) if prompts else []
         seen_judged += judge(seen, generate, images_per_prompt, sampling_seed(s, "seen")) if seen else []
         truth.append({
-            "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, s),
-            **(roundtrip_figures(generate.roundtrip, ground_truth_samples, s)
+            "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, s, data_split),
+            **(roundtrip_figures(generate.roundtrip, ground_truth_samples, s, data_split)
                if isinstance(generate, PipelineGenerator) else {}),
-            **(pipeline_figures(generate.pipe, generate.settings, s) if isinstance(generate, PipelineGenerator) else {}),
+            **(pipeline_figures(generate.pipe, generate.settings, s)
+               if isinstance(generate, PipelineGenerator) else {}),
         })
     if grid_path and judged:
         save_grid(judged, grid_path)
     figures = {
         **{key: float(np.mean([t[key] for t in truth])) for key in truth[0]},
         **summarize(judged, seen_judged),
+        "split": split,
         "images_per_prompt": images_per_prompt,
         "seed": seeds[0] if len(seeds) == 1 else seeds,
         "seconds": round(time.perf_counter() - started, 2),
@@ -364,9 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Judge the embedded model on held-out prompts with the oracle.",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
+    parser.add_argument("--split", choices=sorted(DATA_SPLITS), default="test",
+                        help="whose prompts: 'validation' for recipe choices, 'test' (default) for the figures "
+                             "reported once per shipped model")
     parser.add_argument("--n-prompts", type=int, default=48,
-                        help="held-out prompts, half one-object (48: every held-out pair with no, small and large "
-                             "size), half relations")
+                        help="held-out prompts, alternating one-object and relations (test, 48: every pair of the "
+                             "split with no, small and large size, and 24 relations)")
     parser.add_argument("--images-per-prompt", type=int, default=16,
                         help="images generated per prompt (16: 384 one-object images, which move by ~0.02 "
                              "between seeds)")
@@ -390,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     if args.generator == "truth":
-        generator = truth_generator([p for s in args.seed
-                                     for p in heldout_prompts(args.n_prompts, s) + seen_prompts(args.n_seen_prompts, s)])
+        split = DATA_SPLITS[args.split]
+        generator = truth_generator([p for s in args.seed for p in heldout_prompts(args.n_prompts, s, split)
+                                     + seen_prompts(args.n_seen_prompts, s)])
     else:
         asked = (("top_k", args.top_k), ("top_p", args.top_p), ("cond_scale", args.cond_scale),
                  ("temperature", args.temperature))
@@ -399,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = {k: getattr(args, k) for k in ("dalle", "vqgan", "clip") if getattr(args, k)}
         generator = PipelineGenerator(models, **settings)
     figures = evaluate(args.n_prompts, args.images_per_prompt, args.seed, args.n_seen_prompts, generator,
-                       grid_path=args.save_grid)
+                       grid_path=args.save_grid, split=args.split)
     figures["generator"] = args.generator
     figures["total_s"] = round(time.perf_counter() - started, 2)  # model loading included
     if args.json:

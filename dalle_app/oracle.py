@@ -18,7 +18,15 @@ background, name their color, shape and size, and read relations from their posi
   score under SHAPE_MIN_SCORE means "unknown" (None).
 * Size: the box side against the midpoint of the small and large sizes.
 * Position: the center of the object's box; relation of A to B: the dominant axis of B's center
-  minus A's, and its sign.
+  minus A's, and its sign. The strict judgement asks the dominant offset to be at least
+  RELATION_MARGIN times the other, as in every layout the generator draws (at least 7:3,
+  ``dalle_app.data.dataset._pair_layout``): a diagonal pair is no relation at all.
+
+Judging a prompt (``shows`` / ``satisfies``), strictly (the default): the image holds exactly the
+asked objects and nothing else (an object of unknown color or shape counts too), in the asked
+relation with the margin. Leniently (``lenient=True``, kept for comparison): some
+detected objects match and stand in the asked relation without margin; other objects are
+tolerated, so a model that draws extra objects gets extra chances.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ BACKGROUND_IMAGE_SHARE = 0.5  # ... and this share of the whole image
 TEMPLATE_RES = 16
 TEMPLATE_BLURS = (0.0, 0.8, 1.3)  # Gaussian radii (pixels) of the blurred shape references
 LARGE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
+RELATION_MARGIN = 2.0  # strict relation: dominant center offset >= this x the other (generator: >= 7/3)
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], np.float32)
@@ -255,12 +264,13 @@ def detect(image: np.ndarray) -> list[Detection]:
     return sorted(detections, key=lambda d: -d.area)
 
 
-def relation(a: Detection | ObjectSpec, b: Detection | ObjectSpec) -> str:
-    """Where ``a`` is relative to ``b``: 'above', 'below', 'left of' or 'right of'."""
+def relation(a: Detection | ObjectSpec, b: Detection | ObjectSpec, margin: float = 1.0) -> str | None:
+    """Where ``a`` is relative to ``b``: 'above', 'below', 'left of' or 'right of'; None when the
+    dominant axis's offset is less than ``margin`` times the other's (1.0: never None)."""
     dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
     if abs(dy) >= abs(dx):
-        return "above" if dy > 0 else "below"
-    return "left of" if dx > 0 else "right of"
+        return ("above" if dy > 0 else "below") if abs(dy) >= margin * abs(dx) else None
+    return ("left of" if dx > 0 else "right of") if abs(dx) >= margin * abs(dy) else None
 
 
 def matches(detection: Detection, target: Target) -> bool:
@@ -271,27 +281,30 @@ def matches(detection: Detection, target: Target) -> bool:
     )
 
 
-def satisfies(image: np.ndarray, prompt: Prompt) -> bool:
-    """Does the image show what the prompt asks?
-
-    One-object prompts: some detected object has the asked color, shape (and size, if asked).
-    Relation prompts: two distinct detected objects match the two targets and stand in the asked
-    relation. Other objects in the image are tolerated.
-    """
-    found = detect(image)
+def shows(found: list[Detection], prompt: Prompt, lenient: bool = False) -> bool:
+    """Do these detections show what the prompt asks (see the module docstring: strict or lenient)?"""
+    if not lenient and len(found) != len(prompt.targets):
+        return False
     if prompt.relation is None:
         return any(matches(d, prompt.targets[0]) for d in found)
     first, second = prompt.targets
+    margin = 1.0 if lenient else RELATION_MARGIN
     return any(
-        matches(a, first) and matches(b, second) and relation(a, b) == prompt.relation
+        matches(a, first) and matches(b, second) and relation(a, b, margin) == prompt.relation
         for i, a in enumerate(found)
         for j, b in enumerate(found)
         if i != j
     )
 
 
+def satisfies(image: np.ndarray, prompt: Prompt, lenient: bool = False) -> bool:
+    """Does the image show what the prompt asks? Strict unless ``lenient`` (module docstring)."""
+    return shows(detect(image), prompt, lenient)
+
+
 def recovers_scene(image: np.ndarray, objects: list[ObjectSpec], scene_relation: str | None) -> bool:
-    """Exact check on a ground-truth render: same objects (color, shape, size), same relation."""
+    """Exact check on a ground-truth render: same objects (color, shape, size), same relation
+    with the strict margin."""
     found = detect(image)
     if Counter((d.color, d.shape, d.size) for d in found) != Counter((o.color, o.shape, o.size) for o in objects):
         return False
@@ -304,5 +317,5 @@ def recovers_scene(image: np.ndarray, objects: list[ObjectSpec], scene_relation:
     if scene_relation is not None:
         by_attributes = {(d.color, d.shape): d for d in found}
         a, b = (by_attributes[(o.color, o.shape)] for o in objects)
-        return relation(a, b) == scene_relation
+        return relation(a, b, RELATION_MARGIN) == scene_relation
     return True

@@ -17,13 +17,11 @@ the scheduler shares its decoding loops round-robin across clients.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import logging
 import math
 import os
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -35,9 +33,10 @@ from PIL import Image
 
 from dalle_app import images as pngs
 from dalle_app.admission import Admission, ClientLimitError, Ticket, client_key
+from dalle_app.backend import Backend, Generation, LocalBackend
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
 from dalle_app.request import DEFAULT_NUM_IMAGES, LOCAL_CLIENT, MAX_SEED, RANDOM_SEED, GenerationRequest
-from dalle_app.scheduler import Job, JobEvent, QueueFullError, Scheduler, SchedulerClosed
+from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.uploads import MAX_UPLOAD_BYTES, start_completion
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
@@ -104,31 +103,6 @@ def _error(message: str) -> gr.Error:
     return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
-async def job_events(job: Job) -> AsyncIterator[JobEvent]:
-    """The job's events, awaited without holding one of the event loop's executor threads.
-
-    A small daemon thread per job drains the blocking `Job.events()` into an asyncio queue; it
-    ends with the job's terminal event (a cancel posts one, so it never outlives its job).
-    """
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
-
-    def pump() -> None:
-        for event in job.events():
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, event)
-            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-                job.cancel()
-                return
-
-    threading.Thread(target=pump, name="dalle-job-events", daemon=True).start()
-    while True:
-        event = await inbox.get()
-        yield event
-        if event.kind in ("done", "error", "cancelled"):
-            return
-
-
 def visitor_key(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str:
     """The client key of a Gradio request (`admission.client_key`): the user logged in through
     the app's `auth` or "Sign in with Hugging Face", else the visitor's address as Gradio
@@ -158,12 +132,15 @@ class Handlers:
     """The app's event functions, bound to a model catalog and its loaded schedulers."""
 
     def __init__(self, catalog: Catalog, pool: ModelPool, grid_dir: str | os.PathLike | None = None,
-                 machine_warning: str | None = None, *, admission: Admission | None = None) -> None:
+                 machine_warning: str | None = None, *, admission: Admission | None = None,
+                 backend: Backend | None = None) -> None:
         """`machine_warning` (hardware.gpu_backend_warning) is shown under the title; `admission`
         holds each client's images waiting, all models together (default: the limit from
-        $DALLE_APP_MAX_IMAGES_PER_CLIENT)."""
+        $DALLE_APP_MAX_IMAGES_PER_CLIENT). Requests go to `backend`, by default this process's
+        pool (dalle_app.serve gives Ray Serve replicas)."""
         self.catalog = catalog
         self.pool = pool
+        self.backend: Backend = backend or LocalBackend(pool)
         self.admission = admission or Admission.from_env()
         self.grid_dir = Path(grid_dir or Path(tempfile.gettempdir()) / "dalle_app_grids")
         self.machine_warning = machine_warning
@@ -178,11 +155,16 @@ class Handlers:
         except ValidationError as e:
             raise _error(str(e)) from None
 
-    async def _scheduler(self, model: str) -> Scheduler:
+    async def _vqgan(self, model: str) -> Any:
+        """The VQGAN that encodes start pictures: the model's own, loaded in this process."""
+        if not isinstance(self.backend, LocalBackend):
+            raise _error("Completing an image needs the models in the app's own process; this server runs "
+                         "them on separate model servers, so use Generate.")
         try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
-            return self.pool.loaded(model) or await asyncio.to_thread(self.pool.get, model)
+            scheduler = self.pool.loaded(model) or await asyncio.to_thread(self.pool.get, model)
         except ModelLoadError as e:
             raise _error(str(e)) from None
+        return scheduler.pipeline.vqgan
 
     def admit(self, request: GenerationRequest) -> Ticket:
         """Count the request's images against its client, or tell the user the client's limit."""
@@ -191,18 +173,15 @@ class Handlers:
         except ClientLimitError as e:
             raise _error(str(e)) from None
 
-    async def _submit(self, request: GenerationRequest) -> Job:
-        for _ in range(2):  # a model unloaded (to make room) between get and submit is loaded again
-            scheduler = await self._scheduler(request.model)
-            try:
-                return scheduler.submit(request)
-            except SchedulerClosed:
-                continue
-            except QueueFullError:
-                raise _error(BUSY_MESSAGE) from None
-            except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
-                raise _error(str(e)) from None
-        raise _error(BUSY_MESSAGE)
+    async def _submit(self, request: GenerationRequest) -> Generation:
+        try:
+            return await self.backend.submit(request)
+        except ModelLoadError as e:
+            raise _error(str(e)) from None
+        except QueueFullError:
+            raise _error(BUSY_MESSAGE) from None
+        except ValueError as e:  # the pipeline's own limits (e.g. a model's top-k range)
+            raise _error(str(e)) from None
 
     async def generate(
         self,
@@ -257,9 +236,9 @@ class Handlers:
             client=visitor_key(visitor, profile),
         )
         image = uploaded_file(image)
-        scheduler = await self._scheduler(request.model)
+        vqgan = await self._vqgan(request.model)
         try:  # reading and encoding the picture is CPU work: off the event loop
-            request = await asyncio.to_thread(start_completion, request, image, keep_rows, scheduler.pipeline.vqgan)
+            request = await asyncio.to_thread(start_completion, request, image, keep_rows, vqgan)
         except ValidationError as e:
             raise _error(str(e)) from None
         async for update in self._run(request, progress):
@@ -281,7 +260,7 @@ class Handlers:
             summary = {**request.parameters(), "status": "queued", "notices": list(request.notices)}
             progress(0.0, desc="Waiting for the model")
             yield [], summary
-            async for event in job_events(job):
+            async for event in job.events():
                 if event.kind == "queued":
                     progress(0.0, desc=self.queue_message(request.model, event.queue_position or 0))
                 elif event.kind == "progress":
@@ -291,7 +270,7 @@ class Handlers:
                         yield partial, {**summary, "status": "generating", "step": event.step, "total": event.total}
                 elif event.kind == "done":
                     finished = True
-                    yield self._final(request, event)
+                    yield self._final(request, job, event)
                 else:  # "error" or "cancelled": the job is over
                     finished = True
                     raise _error(event.error or "Generation failed.")
@@ -314,7 +293,7 @@ class Handlers:
         wait = f", about {math.ceil(ahead * seconds)} s" if seconds else ""
         return f"Queued: {ahead} request(s) ahead{wait}"
 
-    def _final(self, request: GenerationRequest, event: JobEvent) -> tuple[list, dict[str, Any]]:
+    def _final(self, request: GenerationRequest, job: Generation, event: JobEvent) -> tuple[list, dict[str, Any]]:
         output = event.result
         assert output is not None
         seconds = float(output.timings.get("total_s", 0.0))
@@ -347,6 +326,7 @@ class Handlers:
             "parameters": params,
             "timings": {k: round(float(v), 4) for k, v in output.timings.items()},
             "notices": notices,
+            "replica": job.replica,
             "status": "done",
         }
         return gallery, summary
@@ -504,8 +484,9 @@ def availability_markdown(catalog: Catalog) -> str:
     return "Models that cannot be used here:\n" + "\n".join(lines) if lines else ""
 
 
-def build_app(catalog: Catalog, pool: ModelPool, *, handlers: Handlers | None = None) -> gr.Blocks:
-    """The Blocks app (queue configured); launch it with `launch_kwargs()`."""
+def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | None = None) -> gr.Blocks:
+    """The Blocks app (queue configured); launch it with `launch_kwargs()`. Without a pool, the
+    handlers say where requests go (e.g. Ray Serve replicas)."""
     h = handlers or Handlers(catalog, pool)
     n, k, p, c = (NUMBERS[x] for x in ("num_images", "top_k", "top_p", "cond_scale"))
     active = pool.active_default()

@@ -1,4 +1,4 @@
-"""The procedural world: determinism, the fixed held-out split, and captions that match the scene."""
+"""The procedural world: determinism, the fixed validation and test splits, and captions that match the scene."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from dalle_app.data import (
     HELDOUT_PAIRS,
     IMAGE_SIZE,
     SHAPES,
+    VALIDATION_PAIRS,
+    ObjectSpec,
     batch,
     canonical_triple,
     heldout_prompts,
@@ -19,7 +21,11 @@ from dalle_app.data import (
     is_heldout_pair,
     is_heldout_scene,
     is_heldout_triple,
+    is_validation_pair,
+    is_validation_triple,
     sample,
+    triple_split,
+    validation_triples,
 )
 from dalle_app.data.captions import RELATION_WORDS
 
@@ -124,6 +130,47 @@ def test_split_is_fixed_and_covers_every_attribute():
         assert canonical_triple((cb, sb), inverse, (ca, sa)) == (ca, sa, rel, cb, sb)
 
 
+def test_validation_split_is_disjoint_from_training_and_test():
+    assert len(VALIDATION_PAIRS) == 6
+    assert not VALIDATION_PAIRS & HELDOUT_PAIRS
+    assert sorted(s for _, s in VALIDATION_PAIRS) == sorted(SHAPES)  # every shape once
+    validation, test = set(validation_triples()), set(heldout_triples())
+    assert 200 < len(validation) < 600 and not validation & test
+    for ca, sa, rel, cb, sb in validation_triples()[:50]:
+        inverse = {"above": "below", "left of": "right of"}[rel]
+        assert is_validation_triple((cb, sb), inverse, (ca, sa))
+        assert not is_heldout_triple((ca, sa), rel, (cb, sb))
+        assert not any(is_validation_pair(*p) or is_heldout_pair(*p) for p in ((ca, sa), (cb, sb)))
+    # a triple holding a validation or test pair belongs to no triple split: the pair keeps it out
+    (color, shape), other = sorted(VALIDATION_PAIRS)[0], ("red", "square")
+    assert triple_split((color, shape), "above", other) is None
+    assert is_heldout_scene([ObjectSpec(color, shape, "small", (0, 0))], None)
+
+
+def test_validation_split_always_shows_a_validation_combination():
+    for s in batch(6, 300, split="validation").samples:
+        pairs = [(o.color, o.shape) for o in s.objects]
+        assert not any(is_heldout_pair(*p) for p in pairs)
+        if len(pairs) == 1:
+            assert is_validation_pair(*pairs[0])
+        else:
+            assert is_validation_triple(pairs[0], s.relation, pairs[1])
+    with pytest.raises(ValueError, match="validation"):
+        sample(np.random.default_rng(0), "test")
+
+
+def test_validation_prompts_are_validation_combinations():
+    prompts = heldout_prompts(48, split="validation")
+    assert prompts == heldout_prompts(48, split="validation")
+    singles = [p for p in prompts if p.kind == "single"]
+    assert len(singles) == 18  # the six pairs with no, small and large size; relations fill the rest
+    assert {(p.targets[0].color, p.targets[0].shape) for p in singles} == set(VALIDATION_PAIRS)
+    for p in prompts:
+        if p.kind == "relation":
+            a, b = p.targets
+            assert is_validation_triple((a.color, a.shape), p.relation, (b.color, b.shape))
+
+
 def _mentioned_pairs(caption: str) -> list[tuple[str, str]]:
     words = caption.split()
     return [(w, words[i + 1]) for i, w in enumerate(words[:-1]) if w in COLORS]
@@ -133,7 +180,7 @@ def test_training_never_shows_or_mentions_heldout_combinations(train_batch):
     for s in train_batch.samples:
         assert not is_heldout_scene(s.objects, s.relation), s
         for pair in _mentioned_pairs(s.caption):
-            assert not is_heldout_pair(*pair), s.caption
+            assert not is_heldout_pair(*pair) and not is_validation_pair(*pair), s.caption
     # both one- and two-object scenes, every relation
     counts = {n: sum(len(s.objects) == n for s in train_batch.samples) for n in (1, 2)}
     assert counts[1] > 0.3 * N_MANY and counts[2] > 0.5 * N_MANY
@@ -153,7 +200,7 @@ def _relation_in_caption(caption: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", ["train", "validation", "heldout"])
 def test_captions_describe_the_scene(split):
     inverse = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
     rng = np.random.default_rng(99)

@@ -7,15 +7,27 @@ import json
 import numpy as np
 import pytest
 
-from dalle_app.data import heldout_prompts, render_prompt
+from dalle_app.data import (
+    COLORS,
+    SIZES,
+    ObjectSpec,
+    heldout_prompts,
+    is_heldout_pair,
+    is_validation_pair,
+    render_prompt,
+    triple_split,
+)
+from dalle_app.data.shapes import render
 from dalle_app.evaluate import (
     Judged,
     Verdict,
     clip_ranking,
     evaluate,
+    judge,
     main,
     roundtrip_figures,
     seen_prompts,
+    summarize,
     truth_generator,
 )
 from dalle_app.hub import EMBEDDED_FOLDERS
@@ -26,9 +38,12 @@ def test_harness_scores_ground_truth_as_correct():
     prompts = heldout_prompts(6) + seen_prompts(4)
     figures = evaluate(6, 2, seed=0, n_seen_prompts=4, generator=truth_generator(prompts), ground_truth_samples=40)
     assert figures["oracle_ground_truth_accuracy"] >= 0.98
-    for key in ("single_object_accuracy", "single_object_strict_accuracy", "relation_accuracy",
+    for key in ("single_object_accuracy", "single_object_sized_accuracy", "relation_accuracy",
+                "lenient_single_object_accuracy", "lenient_relation_accuracy",
                 "clip_top1_accuracy", "random_pick_accuracy", "seen_accuracy", "best_of_k_accuracy"):
         assert figures[key] == 1.0, key
+    assert figures["extra_object_rate"] == 0.0
+    assert figures["split"] == "test"
     assert figures["variety"] > 0.05  # ground truth: each image placed and sized afresh
     assert figures["n_prompts"] == 6 and figures["n_single_prompts"] == 3 and figures["n_relation_prompts"] == 3
 
@@ -72,8 +87,6 @@ def test_single_objects_are_judged_by_size_apart_from_color_and_shape():
     shows in the split by the size the prompt asked."""
     from dataclasses import replace
 
-    from dalle_app.evaluate import judge, summarize
-
     prompts = {p.text: p for p in heldout_prompts(48) if p.kind == "single" and p.targets[0].size}
     other = {"small": "large", "large": "small"}
 
@@ -87,11 +100,72 @@ def test_single_objects_are_judged_by_size_apart_from_color_and_shape():
         return images
 
     figures = summarize(judge(list(prompts.values()), wrong_size, 2, seed=0), [])
-    assert figures["single_object_strict_accuracy"] == 0.0
+    assert figures["single_object_sized_accuracy"] == 0.0
     assert figures["single_object_accuracy"] == 1.0  # colour and shape right
     assert figures["single_object_small_accuracy"] == figures["single_object_large_accuracy"] == 0.0
     assert figures["single_object_unsized_accuracy"] is None
     assert figures["variety"] == 0.0  # the same image twice per prompt
+
+
+def _drawn(prompt, extra: bool = False, across: float = 0.0, seed: int = 0) -> np.ndarray:
+    """The prompt's objects (small unless sized) in a fixed layout, ``across`` pixels off the
+    relation's axis (28 along it), and with ``extra`` a small cross of another color in a corner."""
+    sizes = [t.size or "small" for t in prompt.targets]
+    if prompt.relation is None:
+        centers = [(16.0, 16.0)]
+    else:
+        first, second = ((14.0, 12.0), (14.0 + across, 40.0))
+        if prompt.relation in ("left of", "right of"):
+            first, second = first[::-1], second[::-1]
+        centers = [first, second] if prompt.relation in ("above", "left of") else [second, first]
+    objects = [ObjectSpec(t.color, t.shape, size, c) for t, size, c in zip(prompt.targets, sizes, centers)]
+    if extra:
+        color = next(c for c in COLORS if c not in {t.color for t in prompt.targets})
+        objects.append(ObjectSpec(color, "cross", "small", (48.0, 48.0)))
+    return render(objects, [SIZES[o.size] for o in objects], np.random.default_rng(seed))
+
+
+def _drawing(prompts, **layout):
+    by_text = {p.text: p for p in prompts}
+    return lambda texts, k, seed: [[(_drawn(by_text[t], **layout, seed=seed + i), 0.0)] * k
+                                   for i, t in enumerate(texts)]
+
+
+def test_extra_objects_are_wrong_strictly_and_counted():
+    prompts = heldout_prompts(16)
+    assert summarize(judge(prompts, _drawing(prompts), 1, seed=0), [])["relation_accuracy"] == 1.0
+    figures = summarize(judge(prompts, _drawing(prompts, extra=True), 2, seed=0), [])
+    assert figures["extra_object_rate"] == 1.0
+    assert figures["single_object_accuracy"] == figures["relation_accuracy"] == figures["random_pick_accuracy"] == 0.0
+    # the lenient oracle tolerates them: the older, higher figures
+    assert figures["lenient_single_object_accuracy"] == figures["lenient_relation_accuracy"] == 1.0
+
+
+def test_relations_off_the_margin_are_wrong_strictly():
+    """28 pixels along the relation's axis and 20 across: the dominant axis agrees, but the pair
+    is more diagonal than any layout of the world (the strict margin is 2:1)."""
+    prompts = [p for p in heldout_prompts(16) if p.relation is not None]
+    figures = summarize(judge(prompts, _drawing(prompts, across=20.0), 2, seed=0), [])
+    assert figures["relation_accuracy"] == 0.0 and figures["extra_object_rate"] == 0.0
+    assert figures["lenient_relation_accuracy"] == 1.0
+    assert figures["relation_objects_accuracy"] == 1.0
+
+
+def test_validation_split_has_its_own_prompts_and_ground_truth(capsys):
+    test_texts = {p.text for p in heldout_prompts(500)}
+    validation = heldout_prompts(48, split="validation")
+    assert not test_texts & {p.text for p in validation}
+    for p in validation:
+        if p.relation is None:
+            assert is_validation_pair(p.targets[0].color, p.targets[0].shape)
+    assert main(["--json", "--generator", "truth", "--split", "validation", "--n-prompts", "6",
+                 "--images-per-prompt", "2", "--n-seen-prompts", "0"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["split"] == "validation" and figures["n_prompts"] == 6
+    assert figures["oracle_ground_truth_accuracy"] >= 0.98
+    assert figures["single_object_accuracy"] == figures["relation_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="split"):
+        evaluate(2, 1, split="heldout", generator=truth_generator(heldout_prompts(2)))
 
 
 def test_saved_grid_frames_each_prompt_and_wraps_into_blocks(tmp_path):
@@ -116,18 +190,16 @@ def test_roundtrip_figures_measure_what_survives():
 
 
 def test_seen_prompts_are_training_combinations():
-    from dalle_app.data import is_heldout_pair, is_heldout_triple
-
     for p in seen_prompts(30):
-        assert not any(is_heldout_pair(t.color, t.shape) for t in p.targets)
+        assert not any(is_heldout_pair(t.color, t.shape) or is_validation_pair(t.color, t.shape) for t in p.targets)
         if p.relation:
             a, b = p.targets
-            assert not is_heldout_triple((a.color, a.shape), p.relation, (b.color, b.shape))
+            assert triple_split((a.color, a.shape), p.relation, (b.color, b.shape)) == "train"
         assert satisfies(render_prompt(p, np.random.default_rng(0)).image, p)
 
 
 def _judged(correct: list[bool]) -> Judged:
-    verdicts = [Verdict(ok, ok, ok, ok, ok) for ok in correct]
+    verdicts = [Verdict(*[ok] * 8) for ok in correct]
     return Judged(heldout_prompts(1)[0], verdicts, [float(-i) for i in range(len(correct))], [])
 
 
@@ -168,32 +240,39 @@ ASSETS_MISSING = [str(p) for p in EMBEDDED_FOLDERS.values() if not p.is_dir()]
 @pytest.mark.slow
 @pytest.mark.skipif(bool(ASSETS_MISSING), reason=f"embedded model assets missing: {ASSETS_MISSING}")
 def test_shipped_model_above_measured_floors():
-    figures = evaluate(n_prompts=24, images_per_prompt=4, seed=0, n_seen_prompts=16, ground_truth_samples=40)
+    """The default evaluation's prompts (every test pair with no, small and large size, and 24
+    test relations) with 32 images each: 768 images per headline figure, so that a drop of 0.05
+    falls under its floor (binomial standard error ~0.012; docs/evaluation.md)."""
+    figures = evaluate(n_prompts=48, images_per_prompt=32, seed=0, n_seen_prompts=8, ground_truth_samples=40)
     assert figures["oracle_ground_truth_accuracy"] >= 0.98
     for key, floor in SHIPPED_FLOORS.items():
         assert figures[key] >= floor, (key, figures[key], floor, figures)
-    # CLIP's pick clearly better than any one image (measured: 1.0 against 0.885)
+    # CLIP's pick clearly better than any one image (measured: 0.958 against 0.849)
     assert figures["clip_top1_accuracy"] >= figures["random_pick_accuracy"] + 0.05, figures
 
 
-# Floors below the figures measured with this exact call on the shipped assets, with the sampling
-# settings their generation_config.json recommends (single object, color+shape 0.94, with size 0.92,
-# relation 0.85, colour 0.97, shape 0.94, random pick 0.885, CLIP's pick 1.0, CLIP ordering a right
-# image above a wrong one 0.96, prompts of training combinations 0.95, VQGAN round trip 1.0, variety
-# 0.12 against 0.15 for ground truth); a regression of the model, the sampler, CLIP or the oracle
-# drops under them (variety: a sampler that draws one image over and over).
+# Floors under the figures of the shipped assets, with the sampling settings their
+# generation_config.json recommends, judged by the strict oracle. Measured with this exact call
+# (and, in brackets, with the default `python -m dalle_app.evaluate --json`): single object,
+# color+shape 0.888 (0.898), with size 0.820 (0.831); relation 0.878 (0.865); colour 0.993 (0.999);
+# shape 0.887 (0.883); random pick 0.849 (0.848); CLIP's pick 0.958 (0.958); CLIP ordering a right
+# image above a wrong one 0.916 (0.859); prompts of training combinations 0.867 on 8 prompts (0.918
+# on 16); VQGAN round trip 1.0 (1.0); variety 0.119 (0.122; ground truth 0.152). Each accuracy's
+# floor is about two binomial standard errors of this call under its figure, and within 0.05 of
+# the default evaluation's: a regression of 0.05 of the model, the sampler, CLIP or the oracle
+# drops under it (variety: a sampler that draws one image over and over).
 SHIPPED_FLOORS: dict[str, float] = {
     "vqgan_roundtrip_accuracy": 0.95,
-    "single_object_accuracy": 0.8,
-    "single_object_strict_accuracy": 0.75,
-    "relation_accuracy": 0.75,
-    "color_accuracy": 0.9,
-    "shape_accuracy": 0.8,
-    "random_pick_accuracy": 0.75,
+    "single_object_accuracy": 0.865,
+    "single_object_sized_accuracy": 0.79,
+    "relation_accuracy": 0.85,
+    "color_accuracy": 0.97,
+    "shape_accuracy": 0.865,
+    "random_pick_accuracy": 0.83,
     "clip_top1_accuracy": 0.9,
-    "clip_ordering_accuracy": 0.85,
+    "clip_ordering_accuracy": 0.8,
     "seen_accuracy": 0.8,
-    "variety": 0.08,
+    "variety": 0.1,
 }
 
 

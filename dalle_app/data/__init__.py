@@ -1,7 +1,8 @@
 """The procedural world the embedded model is trained on: captioned 64x64 scenes of flat shapes.
 
-``sample`` / ``batch`` draw training or held-out scenes; ``heldout_prompts`` gives evaluation
-prompts built only from combinations training never shows (see ``world`` for the split).
+``sample`` / ``batch`` draw training, validation or test ("heldout") scenes; ``heldout_prompts``
+gives evaluation prompts of the test or validation split, built only from combinations training
+never shows (see ``world`` for the splits).
 """
 
 from dalle_app.data.dataset import Batch, Prompt, Sample, Split, Target, batch, heldout_prompts, render_prompt, sample
@@ -12,12 +13,17 @@ from dalle_app.data.world import (
     RELATIONS,
     SHAPES,
     SIZES,
+    VALIDATION_PAIRS,
     ObjectSpec,
     canonical_triple,
     heldout_triples,
     is_heldout_pair,
     is_heldout_scene,
     is_heldout_triple,
+    is_validation_pair,
+    is_validation_triple,
+    triple_split,
+    validation_triples,
 )
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "Sample",
     "Split",
     "Target",
+    "VALIDATION_PAIRS",
     "batch",
     "canonical_triple",
     "heldout_prompts",
@@ -40,6 +47,10 @@ __all__ = [
     "is_heldout_pair",
     "is_heldout_scene",
     "is_heldout_triple",
+    "is_validation_pair",
+    "is_validation_triple",
     "render_prompt",
     "sample",
+    "triple_split",
+    "validation_triples",
 ]

@@ -1,7 +1,8 @@
 """Seeded samples, batches and evaluation prompts of the procedural world.
 
 ``sample(rng, "train")`` never shows a held-out combination (see ``world``); ``sample(rng,
-"heldout")`` always shows one. Objects sit on the cell grid (see ``shapes``); scenes are laid
+"heldout")`` always shows one of the test split, ``sample(rng, "validation")`` one of the
+validation split. Objects sit on the cell grid (see ``shapes``); scenes are laid
 out so that a relation is unambiguous: along the relation's axis the objects are apart, across
 it nearly aligned. Same seed, same bytes.
 """
@@ -26,13 +27,15 @@ from dalle_app.data.world import (
     PLACE,
     RELATIONS,
     SIZES,
+    VALIDATION_PAIRS,
     ObjectSpec,
-    heldout_triples,
     is_heldout_scene,
+    split_triples,
     training_pairs,
 )
 
-Split = Literal["train", "heldout"]
+Split = Literal["train", "validation", "heldout"]  # "heldout": the test split
+SPLIT_PAIRS = {"heldout": HELDOUT_PAIRS, "validation": VALIDATION_PAIRS}
 MIN_GAP_CELLS = 1  # free cells between the two objects' boxes along the relation axis
 ACROSS_ROOM = 1.5  # cells an object's center may stray from the middle across the relation axis
 SINGLE_FRACTION = 0.4  # share of one-object scenes
@@ -133,11 +136,11 @@ def _scene(
             dummy = [ObjectSpec(*a, "small", (0, 0)), ObjectSpec(*b, "small", (0, 0))]
             if a != b and not is_heldout_scene(dummy, relation):
                 return [a, b], relation
-    if split != "heldout":
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLIT_PAIRS:
+        raise ValueError(f"split must be 'train', 'validation' or 'heldout', got {split!r}")
     if rng.random() < SINGLE_FRACTION:
-        return [_pick(rng, sorted(HELDOUT_PAIRS))], None
-    ca, sa, relation, cb, sb = _pick(rng, list(heldout_triples()))
+        return [_pick(rng, sorted(SPLIT_PAIRS[split]))], None
+    ca, sa, relation, cb, sb = _pick(rng, list(split_triples(split)))
     if rng.random() < 0.5:
         return [(cb, sb), (ca, sa)], INVERSE[relation]
     return [(ca, sa), (cb, sb)], relation
@@ -186,18 +189,18 @@ def batch(seed: int, n: int, split: Split = "train") -> Batch:
     return Batch(images=images, captions=[s.caption for s in samples], samples=samples)
 
 
-def _single_prompts() -> list[Prompt]:
+def _single_prompts(split: str) -> list[Prompt]:
     prompts = []
     for size in (None, "small", "large"):
-        for color, shape in sorted(HELDOUT_PAIRS, key=lambda p: (list(COLORS).index(p[0]), p[1])):
+        for color, shape in sorted(SPLIT_PAIRS[split], key=lambda p: (list(COLORS).index(p[0]), p[1])):
             text = captions.with_article(captions.noun_phrase(color, shape, size))
             prompts.append(Prompt(text, [Target(color, shape, size)], None, "single"))
     return prompts
 
 
-def _relation_prompts(seed: int) -> list[Prompt]:
+def _relation_prompts(split: str, seed: int) -> list[Prompt]:
     rng = np.random.default_rng(seed)
-    triples = list(heldout_triples())
+    triples = list(split_triples(split))
     prompts = []
     for index in rng.permutation(len(triples)):
         ca, sa, relation, cb, sb = triples[index]
@@ -211,14 +214,17 @@ def _relation_prompts(seed: int) -> list[Prompt]:
     return prompts
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[Prompt]:
-    """``n`` evaluation prompts, alternating one-object held-out pairs and held-out relations.
+def heldout_prompts(n: int, seed: int = 0, split: Split = "heldout") -> list[Prompt]:
+    """``n`` evaluation prompts of ``split`` ("heldout": the test split, or "validation"),
+    alternating one-object pairs and relations.
 
-    Single prompts ("a small yellow circle") cover each held-out pair without a size, then small,
-    then large; relation prompts ("a red square above a blue circle") are held-out triples in an
-    order fixed by ``seed``. When one kind runs out the other fills the list.
+    Single prompts ("a small yellow circle") cover each of the split's pairs without a size, then
+    small, then large; relation prompts ("a red square above a blue circle") are the split's
+    triples in an order fixed by ``seed``. When one kind runs out the other fills the list.
     """
-    singles, relations = _single_prompts(), _relation_prompts(seed)
+    if split not in SPLIT_PAIRS:
+        raise ValueError(f"prompts come from the 'heldout' (test) or 'validation' split, not {split!r}")
+    singles, relations = _single_prompts(split), _relation_prompts(split, seed)
     out: list[Prompt] = []
     while len(out) < n and (singles or relations):
         for pool in (singles, relations):

@@ -288,8 +288,8 @@ def train_clip(out: Path, tokenizer_folder: Path, cfg: CLIPTrainConfig, seed: in
     with scenes:
         state = run_loop(folder, log, state, step_fn, optim, cfg.save_every, cfg.log_every,
                          remaining(cfg.seconds, t0), deadline, export)
-    heldout = model_inputs(render_batch(seed, 0, cfg.eval_images, "heldout"), preprocess, tokenizer)
-    evaluation = jax.jit(lambda p, b: loss_and_metrics(module, p, b)[1])(state["params"], heldout)
+    validation = model_inputs(render_batch(seed, 0, cfg.eval_images, "validation"), preprocess, tokenizer)
+    evaluation = jax.jit(lambda p, b: loss_and_metrics(module, p, b)[1])(state["params"], validation)
     report = {"steps": int(state["step"]), "total_steps": int(state["total_steps"]), "batch_size": cfg.batch_size,
               "train_seconds": round(time.time() - t0, 1),
               **{f"eval_{k}": float(v) for k, v in evaluation.items()}}

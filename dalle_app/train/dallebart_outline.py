@@ -56,7 +56,7 @@ def finetune_outline(out: Path, tokenizer_folder: Path, max_text_length: int, cf
     averaged with that state (`cfg.base_share`) into `out/dallebart-outline/model/`; resumable like
     every phase (a time budget is split evenly between the fine-tunes)."""
     base, folder = out / BASE, out / PHASE
-    for needed in (base / "state.msgpack", base / "train_codes.npz", base / "heldout_codes.npz",
+    for needed in (base / "state.msgpack", base / "train_codes.npz", base / "validation_codes.npz",
                    base / "model" / "config.json"):
         if not needed.is_file():
             raise SystemExit(f"{needed} is missing: run `python -m dalle_app.train dallebart --out {out}` first")
@@ -68,7 +68,7 @@ def finetune_outline(out: Path, tokenizer_folder: Path, max_text_length: int, cf
     module = DalleBart(config)
     captions_to_ids = CaptionEncoder(tokenizer_folder, max_text_length)
     uncond = captions_to_ids.unconditional()
-    data, eval_data = (load_dataset(base / name) for name in ("train_codes.npz", "heldout_codes.npz"))
+    data, eval_data = (load_dataset(base / name) for name in ("train_codes.npz", "validation_codes.npz"))
     trained = flax.serialization.msgpack_restore((base / "state.msgpack").read_bytes())["params"]
     start = jax.tree_util.tree_map(jnp.asarray, trained)
     before = evaluate(module, start, eval_data, uncond)

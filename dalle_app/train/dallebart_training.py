@@ -347,8 +347,8 @@ def train_dallebart(
     vq_module = build_vqgan(vq_config)
     data = load_or_build_dataset(folder / "train_codes.npz", lambda: encode_scenes(
         vq_module, vq_params, captions_to_ids, cfg.num_samples, seed, "train", log=log, workers=workers))
-    eval_data = load_or_build_dataset(folder / "heldout_codes.npz", lambda: encode_scenes(
-        vq_module, vq_params, captions_to_ids, cfg.eval_samples, seed, "heldout"))
+    eval_data = load_or_build_dataset(folder / "validation_codes.npz", lambda: encode_scenes(
+        vq_module, vq_params, captions_to_ids, cfg.eval_samples, seed, "validation"))
     t_data = time.time() - t0
     log(0, dataset=len(data["codes"]), dataset_seconds=round(t_data, 1))
     uncond = captions_to_ids.unconditional()

@@ -193,7 +193,7 @@ def evaluate(module: VQModel, params: Any, seed: int, n: int) -> dict[str, float
     """On `n` held-out-split images (never trained on): reconstruction error, codebook usage, code
     consistency (`code_consistency`) and the error of decoding the codes DalleBart is trained on
     (`eval_drawn_l1`, after `color_consistent_codes`)."""
-    images = data_batch(phase_seed(seed, "vqgan-eval"), n, "heldout").images.astype(np.float32) / 255.0
+    images = data_batch(phase_seed(seed, "vqgan-eval"), n, "validation").images.astype(np.float32) / 255.0
     apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
     decode = jax.jit(lambda p, c: module.apply({"params": p}, c, method=VQModel.decode_codes))
     side = module.config.downsampling
