@@ -17,6 +17,7 @@ the scheduler shares its decoding loops round-robin across clients.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import math

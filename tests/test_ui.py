@@ -361,3 +361,11 @@ def test_an_unexpected_failure_ends_the_request_with_a_message(tmp_path):
     h = make_handlers(tmp_path, Broken())
     with pytest.raises(gr.Error, match="Generation failed unexpectedly"):
         run(collect(h.generate("a red square", num_images=1)))
+
+
+def test_complete_needs_the_models_in_this_process(tmp_path, monkeypatch):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    h.backend = SimpleNamespace()  # e.g. Ray Serve replicas: the start picture cannot be encoded here
+    image = uploaded(tmp_path, monkeypatch, tile(3))
+    with pytest.raises(gr.Error, match="separate model servers"):
+        run(collect(h.complete(image, "a red square", 2)))
