@@ -1,6 +1,9 @@
 """Command line: `python -m dalle_app "a red square above a blue circle" --images 9 --out grid.png`
 (or `dalle-app ...` once installed with `pip install .`).
 
+`--init-image start.png --keep-rows 8` keeps the top 8 code rows of a picture and draws the rest
+(a PNG written by this app starts from its own codes); `--seamless` makes pictures that tile.
+
 Same options and the same validation as the app; writes the CLIP-ranked grid as one PNG whose
 text chunks hold the prompt and parameters, and prints each image's seed and score. Unlike the
 app, `--model` may also be a local folder or a hub repo: the person at the keyboard owns them.
@@ -20,6 +23,7 @@ from dalle_app import __version__
 from dalle_app import images as pngs
 from dalle_app.catalog import BUILTIN_MODELS, Catalog, ModelLoadError, ModelPool, check_entry, entry_for, load_scheduler
 from dalle_app.request import RANDOM_SEED
+from dalle_app.uploads import start_completion
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 
@@ -56,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cond-scale", type=float, default=None, help=f"{recommended} {c.default}")
     parser.add_argument("--save-images", type=Path, default=None, metavar="DIR",
                         help="also write each image as its own PNG into DIR")
+    parser.add_argument("--init-image", type=Path, default=None, metavar="PATH",
+                        help="complete this picture: keep its top --keep-rows code rows, draw the rest")
+    parser.add_argument("--keep-rows", type=float, default=None,
+                        help="code rows kept from the top of --init-image, 1 to rows-1 (default: half)")
+    parser.add_argument("--seamless", action="store_true", help="make pictures that tile left-right and top-bottom")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -118,10 +127,12 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         catalog = pool.catalog
         request = validate_request(
             args.prompt, args.negative_prompt, args.model, args.images, args.seed,
-            args.temperature, args.top_k, args.top_p, args.cond_scale,
+            args.temperature, args.top_k, args.top_p, args.cond_scale, args.seamless,
             models=catalog.usability(), default_model=catalog.default, recommended=catalog.recommended(),
         )
         check_outputs(args.out, args.save_images)
+        if args.keep_rows is not None and args.init_image is None:
+            raise ValidationError("--keep-rows needs --init-image, the picture to complete.")
     except (ValidationError, ValueError) as e:  # an invalid option, or a bad $DALLE_APP_* setting
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
@@ -135,6 +146,13 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model {request.model} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    if args.init_image is not None:
+        try:
+            request = start_completion(request, args.init_image, args.keep_rows, scheduler.pipeline.vqgan)
+        except ValidationError as e:
+            scheduler.close()
+            print(f"error: {e}", file=sys.stderr)
+            return USAGE_ERROR
     job = scheduler.submit(request)
     bar, done_steps, final = None, 0, None
     try:
@@ -168,7 +186,7 @@ def main(argv: Sequence[str] | None = None, *, pool: ModelPool | None = None) ->
         args.save_images.mkdir(parents=True, exist_ok=True)
         for rank, g in enumerate(ranked, start=1):
             pngs.save_png(g.image, args.save_images / f"{rank:02d}-seed{g.seed}.png",
-                          params | {"seed": g.seed, "rank": rank, "score": float(g.score)})
+                          params | {"seed": g.seed, "rank": rank, "score": float(g.score)}, g.codes)
     for rank, g in enumerate(ranked, start=1):
         print(f"#{rank}\tseed {g.seed}\tscore {float(g.score):.4f}")
     print(f"wrote {args.out} ({len(ranked)} images, {time.monotonic() - started:.1f} s)", file=sys.stderr)

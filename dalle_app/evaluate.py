@@ -45,6 +45,8 @@ asked objects, nothing else, in the asked relation with a clear margin. Figures 
   by the model's VQGAN to the codes DalleBart is trained on (one per color of the scene) and
   decoded, judged against their own scene: the ceiling of the figures above, given the VQGAN
   (model runs only).
+* ``completion_accuracy``, ``seamless_seam_ratio`` and their companions: image completion and
+  tileable pictures (dalle_app.evaluate_completion; model runs only).
 * ``seen_accuracy`` (``_top1_``, ``_color_``, ``_shape_``): the same judgements on
   ``--n-seen-prompts`` prompts built from combinations training does show (how well the model
   learned its world at all).
@@ -71,6 +73,7 @@ import numpy as np
 from dalle_app.data import Prompt, Sample, Split, Target, batch, heldout_prompts, render_prompt, triple_split
 from dalle_app.data.captions import with_article
 from dalle_app.data.world import RELATIONS, training_pairs
+from dalle_app.evaluate_completion import pipeline_figures
 from dalle_app.oracle import detect, matches, recovers_scene, shows
 
 # A generator maps prompt texts to, per prompt, (image uint8 (H, W, 3), score) ranked best first.
@@ -344,6 +347,8 @@ def evaluate(
         truth.append({
             "oracle_ground_truth_accuracy": oracle_ground_truth_accuracy(ground_truth_samples, s, data_split),
             **(roundtrip_figures(generate.roundtrip, ground_truth_samples, s, data_split)
+               if isinstance(generate, PipelineGenerator) else {}),
+            **(pipeline_figures(generate.pipe, generate.settings, s)
                if isinstance(generate, PipelineGenerator) else {}),
         })
     if grid_path and judged:

@@ -4,6 +4,9 @@ The prompt and the parameters travel in PNG text chunks (tEXt, or iTXt when the 
 Latin-1), under the key `parameters` as JSON, plus `prompt` on its own for tools that only
 show one field. Gradio copies string entries of `Image.info` into the PNGs it serves, so the
 same `with_metadata` works for the gallery and for files written here.
+
+A generated image also carries its own VQGAN codes (`codes`: comma-separated, row-major), so
+completing it later starts from exactly those codes instead of re-encoding its pixels.
 """
 
 from __future__ import annotations
@@ -18,23 +21,40 @@ from PIL import Image, PngImagePlugin
 
 METADATA_KEY = "parameters"
 PROMPT_KEY = "prompt"
+CODES_KEY = "codes"
 SOFTWARE = "dalle_app"
 
 
-def metadata_text(parameters: Mapping[str, Any]) -> dict[str, str]:
-    """The text chunks for one image or grid."""
-    return {
+def metadata_text(parameters: Mapping[str, Any], codes: Sequence[int] | None = None) -> dict[str, str]:
+    """The text chunks for one image (with its `codes`) or grid."""
+    chunks = {
         PROMPT_KEY: str(parameters.get("prompt", "")),
         METADATA_KEY: json.dumps(dict(parameters), ensure_ascii=False, sort_keys=True),
         "Software": SOFTWARE,
     }
+    if codes is not None:
+        chunks[CODES_KEY] = ",".join(str(int(c)) for c in codes)
+    return chunks
 
 
-def with_metadata(image: Image.Image, parameters: Mapping[str, Any]) -> Image.Image:
+def with_metadata(image: Image.Image, parameters: Mapping[str, Any],
+                  codes: Sequence[int] | None = None) -> Image.Image:
     """A copy of `image` whose `info` carries the text chunks (kept when saved as PNG)."""
     tagged = image.copy()
-    tagged.info.update(metadata_text(parameters))
+    tagged.info.update(metadata_text(parameters, codes))
     return tagged
+
+
+def read_codes(image: Image.Image) -> tuple[tuple[int, ...], str] | None:
+    """The codes a generated PNG carries and the model that made them, or None when it has none
+    (or they do not parse)."""
+    text = {**getattr(image, "text", {}), **{k: v for k, v in image.info.items() if isinstance(v, str)}}
+    try:
+        codes = tuple(int(c) for c in text[CODES_KEY].split(","))
+        model = str(json.loads(text.get(METADATA_KEY, "{}")).get("model", ""))
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return codes, model
 
 
 def grid_shape(count: int) -> tuple[int, int]:
@@ -61,10 +81,11 @@ def make_grid(images: Sequence[Image.Image], padding: int = 2, background: str =
     return grid
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[str, Any]) -> Path:
-    """Write `image` as a PNG carrying the metadata; returns the path."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[str, Any],
+             codes: Sequence[int] | None = None) -> Path:
+    """Write `image` as a PNG carrying the metadata (and its codes, for one generated image)."""
     info = PngImagePlugin.PngInfo()
-    for key, value in metadata_text(parameters).items():
+    for key, value in metadata_text(parameters, codes).items():
         info.add_text(key, value)  # Pillow switches to iTXt for non-Latin-1 text
     path = Path(path)
     image.save(path, format="PNG", pnginfo=info)

@@ -2,10 +2,12 @@
 
 Stages: tokenize (dalle_app.text) → encode + cross-attention K/V once per distinct text →
 sample codes (dalle_app.sampling, one shared loop for all images) → VQGAN decode → CLIP score →
-images ranked by score. The lower-level methods (`generate_codes`, `decode_images`,
-`preview_images`, `finish`) are what the request scheduler (dalle_app.scheduler) builds on; it
-is also the one place that streams progress and previews. Loaded pipelines are not cached here:
-the app's one model cache is `catalog.ModelPool`.
+images ranked by score. A request may keep the top rows of a start picture's codes (image
+completion: the sampler forces them as a prefix, per row, so completions share loops with plain
+requests) and may ask for pictures that tile (the VQGAN decodes them seamless). The lower-level
+methods (`generate_codes`, `decode_images`, `preview_images`, `finish`) are what the request
+scheduler (dalle_app.scheduler) builds on; it is also the one place that streams progress and
+previews. Loaded pipelines are not cached here: the app's one model cache is `catalog.ModelPool`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dalle_app.request import (
     DEFAULT_SAMPLING,
     MAX_SEED,
     RANDOM_SEED,
+    Completion,
     GenerationRequest,
     SamplingSettings,
     random_seed,
@@ -73,6 +76,23 @@ def check_request(request: GenerationRequest) -> None:
         problems.append(f"top_p must be in (0, 1] (1 = off), not {top_p!r}")
     if not np.isfinite(cond_scale):
         problems.append(f"cond_scale must be a finite number, not {cond_scale!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_completion(request: GenerationRequest, side: int, num_codes: int) -> None:
+    """Reject a completion this model cannot run: its codes must fill the `side` x `side` grid
+    with ids below `num_codes`, and it must keep from 1 to side - 1 rows."""
+    completion = request.completion
+    if completion is None:
+        return
+    problems = []
+    if len(completion.codes) != side * side:
+        problems.append(f"the start picture has {len(completion.codes)} codes, the model draws {side * side}")
+    elif not all(0 <= c < num_codes for c in completion.codes):
+        problems.append(f"the start picture's codes must be from 0 to {num_codes - 1}")
+    if not (isinstance(completion.keep_rows, (int, np.integer)) and 1 <= completion.keep_rows < side):
+        problems.append(f"keep_rows must be a whole number from 1 to {side - 1}, not {completion.keep_rows!r}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -173,6 +193,11 @@ class DallePipeline:
         """Decoder steps per image (= codes per image)."""
         return self.dalle.config.image_length
 
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError for a request this pipeline cannot run (settings, completion)."""
+        check_request(request)
+        check_completion(request, self.vqgan.config.latent_size, self.sampler.num_codes)
+
     def warmup(self, batch_sizes: Sequence[int] = WARMUP_SIZES) -> float:
         """Compile the programs for these image-batch sizes (running the VQGAN and CLIP once on
         blank codes); returns the seconds it took. Sizes already warm are skipped."""
@@ -194,6 +219,7 @@ class DallePipeline:
                  seed: int = RANDOM_SEED, temperature: float = DEFAULT_SAMPLING.temperature,
                  top_k: int = DEFAULT_SAMPLING.top_k, top_p: float = DEFAULT_SAMPLING.top_p,
                  cond_scale: float = DEFAULT_SAMPLING.cond_scale, negative_prompt: str = "",
+                 completions: Sequence[Completion | None] | None = None, seamless: bool = False,
                  ) -> PipelineOutput:
         """Generate `num_images` images per prompt, ranked by CLIP score (no progress: for
         progress events and previews submit a `GenerationRequest` to dalle_app.scheduler).
@@ -201,6 +227,8 @@ class DallePipeline:
         seed: -1 picks one at random. Image j of the call (prompt-major order) uses the seed
         `image_seed(seed, j)`, reported as `GeneratedImage.seed`.
         negative_prompt replaces the empty unconditional input of super-conditioning.
+        completions: per prompt, the start picture to complete (None: draw the whole image).
+        seamless: decode pictures that tile.
         """
         started = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -208,10 +236,14 @@ class DallePipeline:
             raise ValueError("give at least one prompt")
         seed = random_seed() if seed is None or seed < 0 else int(seed)
         sampling = SamplingSettings(temperature, top_k, top_p, cond_scale)
-        requests = [GenerationRequest(p, negative_prompt, num_images=num_images, seed=seed, sampling=sampling)
-                    for p in prompts]
+        completions = list(completions) if completions is not None else [None] * len(prompts)
+        if len(completions) != len(prompts):
+            raise ValueError(f"give one completion (or None) per prompt: {len(completions)} for {len(prompts)} prompts")
+        requests = [GenerationRequest(p, negative_prompt, num_images=num_images, seed=seed, sampling=sampling,
+                                      completion=c, seamless=seamless)
+                    for p, c in zip(prompts, completions)]
         for request in requests:
-            check_request(request)
+            self.check(request)
         groups = [image_rows(request, j * num_images) for j, request in enumerate(requests)]
         rows = [r for g in groups for r in g]
         codes, timings = [], {"encode_s": 0.0, "generate_s": 0.0}
@@ -263,17 +295,25 @@ class DallePipeline:
         jax.block_until_ready(cross)
         t1 = time.perf_counter()
         field_array = lambda name, dtype: np.array([getattr(r.request.sampling, name) for r in padded], dtype)
+        prefix_codes = np.zeros((batch, self.image_length), np.int32)
+        prefix_length = np.zeros(batch, np.int32)
+        for i, row in enumerate(padded):
+            if row.request.completion is not None:
+                prefix_codes[i] = row.request.completion.codes
+                prefix_length[i] = row.request.completion.kept_codes(self.vqgan.config.latent_size)
         codes = self.sampler.generate(
             cross, masks_arr, cond, uncond, np.array([r.seed for r in padded], np.int64),
             field_array("temperature", np.float32), field_array("top_k", np.int32),
             field_array("top_p", np.float32), field_array("cond_scale", np.float32),
             progress=None if progress is None else (lambda s, t, c: progress(s, t, c[:len(rows)])),
-            progress_every=progress_every or PROGRESS_EVERY, steps=steps)
+            progress_every=progress_every or PROGRESS_EVERY, steps=steps,
+            prefix_codes=prefix_codes, prefix_length=prefix_length)
         t2 = time.perf_counter()
         return codes[:len(rows)], {"encode_s": t1 - t0, "generate_s": t2 - t1}
 
-    def decode_images(self, codes: np.ndarray) -> list[Image.Image]:
-        """VQGAN codes (N, image_length) → N RGB images, decoded in bucketed batches."""
+    def decode_images(self, codes: np.ndarray, seamless: bool = False) -> list[Image.Image]:
+        """VQGAN codes (N, image_length) → N RGB images, decoded in bucketed batches (`seamless`:
+        pictures that tile)."""
         codes = np.asarray(codes, np.int32)
         out: list[Image.Image] = []
         chunk = max(DECODE_BUCKETS)
@@ -281,7 +321,7 @@ class DallePipeline:
             part = codes[start:start + chunk]
             size = bucket_size(len(part), DECODE_BUCKETS)
             padded = np.concatenate([part, np.zeros((size - len(part), part.shape[1]), np.int32)])
-            pixels = np.asarray(to_uint8(self.vqgan.decode(padded)))[:len(part)]
+            pixels = np.asarray(to_uint8(self.vqgan.decode(padded, seamless)))[:len(part)]
             out.extend(Image.fromarray(p) for p in pixels)
         return out
 
@@ -315,7 +355,10 @@ class DallePipeline:
                timings: dict[str, float], started: float | None = None) -> PipelineOutput:
         """Decode, score and rank; `groups[i]` are the rows of prompts[i], in `codes` order."""
         t0 = time.perf_counter()
-        images = self.decode_images(codes)
+        images, offset = [], 0
+        for group in groups:  # a group is one request: decoded seamless or not as it asks
+            images += self.decode_images(codes[offset:offset + len(group)], group[0].request.seamless)
+            offset += len(group)
         t1 = time.perf_counter()
         ranked: list[list[GeneratedImage]] = []
         offset = 0
@@ -355,5 +398,5 @@ def check_compatible(dalle: DalleBartModel, vqgan: VQGAN) -> None:
 
 __all__ = [
     "DallePipeline", "GeneratedImage", "GenerationStopped", "ImageSpec", "ModelMismatchError",
-    "PipelineOutput", "check_compatible", "check_request", "image_rows", "is_out_of_memory",
+    "PipelineOutput", "check_compatible", "check_completion", "check_request", "image_rows", "is_out_of_memory",
 ]

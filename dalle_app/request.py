@@ -41,6 +41,23 @@ SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingSettings
 
 
 @dataclass(frozen=True)
+class Completion:
+    """Image completion: the first `keep_rows` rows of `codes` (a start picture's VQGAN code grid,
+    row-major) are kept as they are and the model draws the rest from the prompt.
+
+    `source_sha256` identifies the start picture: the SHA-256 of the uploaded file, or of the
+    codes themselves when they are a generated image's own (no upload)."""
+
+    codes: tuple[int, ...]
+    keep_rows: int
+    source_sha256: str = ""
+
+    def kept_codes(self, side: int) -> int:
+        """How many codes are forced, on a grid `side` codes wide."""
+        return self.keep_rows * side
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """`num_images` images of `prompt`; image i gets the seed `sampling.image_seed(seed, i)`.
 
@@ -51,6 +68,7 @@ class GenerationRequest:
     visitor's address, else the browser session): the scheduler shares its decoding loops
     round-robin across clients, and the front end limits the images each client has waiting.
     It is not one of the `parameters()`: it never goes into summaries or image metadata.
+    `completion` keeps the top rows of a start picture; `seamless` decodes pictures that tile.
     """
 
     prompt: str
@@ -61,6 +79,8 @@ class GenerationRequest:
     sampling: SamplingSettings = DEFAULT_SAMPLING
     notices: tuple[str, ...] = ()
     client: str = LOCAL_CLIENT
+    completion: Completion | None = None
+    seamless: bool = False
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain JSON values (for summaries and PNG metadata)."""
@@ -71,10 +91,14 @@ class GenerationRequest:
             "num_images": self.num_images,
             "seed": self.seed,
             **asdict(self.sampling),
+            "seamless": self.seamless,
+            **({} if self.completion is None else {
+                "keep_rows": self.completion.keep_rows, "start_image_sha256": self.completion.source_sha256}),
         }
 
 
 __all__ = [
-    "DEFAULT_NUM_IMAGES", "DEFAULT_SAMPLING", "GenerationRequest", "LOCAL_CLIENT", "MAX_SEED", "RANDOM_SEED",
+    "Completion", "DEFAULT_NUM_IMAGES", "DEFAULT_SAMPLING", "GenerationRequest", "LOCAL_CLIENT", "MAX_SEED",
+    "RANDOM_SEED",
     "SAMPLING_FIELDS", "SamplingSettings", "random_seed",
 ]

@@ -41,7 +41,6 @@ from dalle_app.pipeline import (
     GenerationStopped,
     ImageSpec,
     PipelineOutput,
-    check_request,
     image_rows,
     is_out_of_memory,
 )
@@ -280,7 +279,7 @@ class Scheduler:
         Raises ValueError for invalid settings, QueueFullError when the queue is full and
         SchedulerClosed after `close()`.
         """
-        check_request(request)
+        self.pipeline.check(request)
         job = Job(request, self.pipeline.image_length, self._forget)
         with self._cond:
             if self._closed:

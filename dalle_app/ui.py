@@ -1,4 +1,6 @@
-"""The Gradio 6 app: a prompt, a ranked gallery streamed while the codes come in, and `/generate`.
+"""The Gradio 6 app: a prompt, a ranked gallery streamed while the codes come in, and `/generate`;
+a second tab completes a picture from its top rows (`/complete`). Pictures that tile (`seamless`)
+get a 2x2 tiling preview; any gallery image can be the start of a completion, with its own codes.
 
 Event functions live on `Handlers` so tests can call them without a server. The generate event
 is an async generator: Gradio cancels it (Stop button, client `job.cancel()`) by cancelling its
@@ -15,6 +17,7 @@ the scheduler shares its decoding loops round-robin across clients.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import math
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import gradio as gr
+from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image
 
 from dalle_app import images as pngs
@@ -34,6 +38,7 @@ from dalle_app.backend import Backend, Generation, LocalBackend
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
 from dalle_app.request import DEFAULT_NUM_IMAGES, LOCAL_CLIENT, MAX_SEED, RANDOM_SEED, GenerationRequest
 from dalle_app.scheduler import JobEvent, QueueFullError
+from dalle_app.uploads import MAX_UPLOAD_BYTES, start_completion
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,9 @@ SLIDER_STEP = 0.05
 MAX_SLIDER_TEMPERATURE = 3.0
 MAX_SLIDER_TOP_K = 1024
 COND_SCALE_STEP = 0.5
+KEEP_ROWS_MAX = 15
+"""Largest keep_rows on the slider: the shipped models draw 16 code rows (the API checks each model's own grid)."""
+DEFAULT_KEEP_ROWS = 8
 
 
 def _error(message: str) -> gr.Error:
@@ -148,6 +156,17 @@ class Handlers:
         except ValidationError as e:
             raise _error(str(e)) from None
 
+    async def _vqgan(self, model: str) -> Any:
+        """The VQGAN that encodes start pictures: the model's own, loaded in this process."""
+        if not isinstance(self.backend, LocalBackend):
+            raise _error("Completing an image needs the models in the app's own process; this server runs "
+                         "them on separate model servers, so use Generate.")
+        try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
+            scheduler = self.pool.loaded(model) or await asyncio.to_thread(self.pool.get, model)
+        except ModelLoadError as e:
+            raise _error(str(e)) from None
+        return scheduler.pipeline.vqgan
+
     def admit(self, request: GenerationRequest) -> Ticket:
         """Count the request's images against its client, or tell the user the client's limit."""
         try:
@@ -176,6 +195,7 @@ class Handlers:
         top_k: int | None = None,
         top_p: float | None = None,
         cond_scale: float | None = None,
+        seamless: bool = False,
         progress: gr.Progress = gr.Progress(),
         visitor: gr.Request | None = None,
         profile: gr.OAuthProfile | None = None,
@@ -185,9 +205,49 @@ class Handlers:
         Gradio fills in `visitor` (the HTTP request) and `profile` (the Hugging Face user, when
         the app offers a login): they say whose request it is."""
         request = self.validate(
-            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale,
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless,
             client=visitor_key(visitor, profile),
         )
+        async for update in self._run(request, progress):
+            yield update
+
+    async def complete(
+        self,
+        image: Any,
+        prompt: str,
+        keep_rows: int | None = DEFAULT_KEEP_ROWS,
+        negative_prompt: str | None = None,
+        model: str | None = None,
+        num_images: int = DEFAULT_NUM_IMAGES,
+        seed: int = RANDOM_SEED,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cond_scale: float | None = None,
+        seamless: bool = False,
+        progress: gr.Progress = gr.Progress(),
+        visitor: gr.Request | None = None,
+        profile: gr.OAuthProfile | None = None,
+    ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
+        """Keep the top `keep_rows` code rows of `image` and draw the rest from the prompt; yields
+        like `generate`. A PNG this app made starts from its own codes, any other picture from
+        its VQGAN encoding."""
+        request = self.validate(
+            prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless,
+            client=visitor_key(visitor, profile),
+        )
+        image = uploaded_file(image)
+        vqgan = await self._vqgan(request.model)
+        try:  # reading and encoding the picture is CPU work: off the event loop
+            request = await asyncio.to_thread(start_completion, request, image, keep_rows, vqgan)
+        except ValidationError as e:
+            raise _error(str(e)) from None
+        async for update in self._run(request, progress):
+            yield update
+
+    async def _run(self, request: GenerationRequest, progress: gr.Progress,
+                   ) -> AsyncIterator[tuple[list[tuple[Image.Image, str]], dict[str, Any]]]:
+        """Submit a checked request and stream its gallery and summary."""
         for notice in request.notices:
             gr.Warning(html.escape(notice, quote=False))
         ticket = self.admit(request)
@@ -250,7 +310,7 @@ class Handlers:
         scores = [score_value(g.score) for g in ranked]
         gallery = [
             (
-                pngs.with_metadata(g.image, params | {"seed": g.seed, "rank": rank, "score": score}),
+                pngs.with_metadata(g.image, params | {"seed": g.seed, "rank": rank, "score": score}, g.codes),
                 caption(rank, score, g.seed),
             )
             for rank, (g, score) in enumerate(zip(ranked, scores), start=1)
@@ -262,6 +322,8 @@ class Handlers:
             "num_images": len(ranked),
             "seeds": [g.seed for g in ranked],
             "scores": scores,
+            **({} if request.completion is None else {"keep_rows": request.completion.keep_rows}),
+            "seamless": request.seamless,
             "parameters": params,
             "timings": {k: round(float(v), 4) for k, v in output.timings.items()},
             "notices": notices,
@@ -294,6 +356,27 @@ class Handlers:
                     old.unlink()
             except OSError:
                 pass
+
+    def tiling_preview(self, gallery: list | None, summary: dict | None, index: int | None) -> Any:
+        """For seamless pictures: the selected (else the best) one tiled 2x2, to check the wrap."""
+        if not gallery or not summary or summary.get("status") != "done" or not summary.get("seamless"):
+            return gr.Image(value=None, visible=False)
+        item = gallery[index if index is not None and 0 <= index < len(gallery) else 0]
+        with Image.open(item[0] if isinstance(item, (tuple, list)) else item) as opened:
+            picture = opened.convert("RGB")
+        tiled = Image.new("RGB", (2 * picture.width, 2 * picture.height))
+        for x in (0, picture.width):
+            for y in (0, picture.height):
+                tiled.paste(picture, (x, y))
+        return gr.Image(value=tiled, visible=True)
+
+    def complete_from(self, gallery: list | None, index: int | None, prompt: str | None) -> tuple[Any, Any, Any]:
+        """Start a completion from a gallery image (its PNG carries its codes): opens the tab."""
+        if not gallery:
+            raise _error("Generate images first, then choose one in the gallery to complete.")
+        item = gallery[index if index is not None and 0 <= index < len(gallery) else 0]
+        path = item[0] if isinstance(item, (tuple, list)) else item
+        return gr.Tabs(selected="complete"), path, prompt or ""
 
     def model_status(self, model: str | None) -> str:
         """The line under the model choice: what the chosen model is, or why it cannot be used."""
@@ -380,6 +463,23 @@ def examples_for(catalog: Catalog, name: str) -> list[str]:
     return EXAMPLES if entry is None or entry.parts.get("dalle") is None else CLASSIC_EXAMPLES
 
 
+def uploaded_file(value: Any) -> Any:
+    """The path of an image the app received: only files in Gradio's upload folder (what the
+    browser and gradio_client upload, and the gallery's own images), never another server path."""
+    path = value.get("path") if isinstance(value, dict) else value
+    if isinstance(path, (str, os.PathLike)) and str(path).strip():
+        if not is_in_or_equal(str(path), get_upload_folder()):
+            raise _error("The image must be uploaded with the request (a file from elsewhere on the server "
+                         "is not read).")
+        return str(path)
+    return value  # None, empty or not a file: read_upload says what is wrong
+
+
+def selected_index(event: gr.SelectData) -> int:
+    """Which gallery image the user clicked (for the tiling preview and "complete")."""
+    return int(event.index)
+
+
 def availability_markdown(catalog: Catalog) -> str:
     lines = [f"- **{e.name}** — unavailable: {html.escape(e.reason, quote=False)}" for e in catalog.unavailable()]
     return "Models that cannot be used here:\n" + "\n".join(lines) if lines else ""
@@ -396,13 +496,29 @@ def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | 
     with gr.Blocks(title=f"{short_label(catalog.entries[active])} · dalle_app", delete_cache=(600, 3600)) as demo:
         heading = gr.Markdown(h.heading(), elem_id="heading")
         active_line = gr.Markdown(h.active_model_line(), elem_id="active-model", elem_classes="notice")
-        with gr.Row(equal_height=True):
-            prompt = gr.Textbox(
-                label="Prompt", placeholder=examples_for(catalog, active)[0], lines=1, max_lines=1, scale=5,
-                max_length=None, autofocus=True, elem_id="prompt",
-            )
-            run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-            stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="generate-tab"):
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(
+                        label="Prompt", placeholder=examples_for(catalog, active)[0], lines=1, max_lines=1,
+                        scale=5, max_length=None, autofocus=True, elem_id="prompt",
+                    )
+                    run = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop")
+            with gr.Tab("Complete an image", id="complete", elem_id="complete-tab"):
+                gr.Markdown("Keep the top rows of a picture and let the model draw the rest from the prompt.")
+                with gr.Row():
+                    start_image = gr.Image(label="Start image", type="filepath", format="png",
+                                           sources=["upload", "clipboard"], height=300, elem_id="start-image")
+                    with gr.Column():
+                        complete_prompt = gr.Textbox(label="Completion prompt",
+                                                     placeholder=examples_for(catalog, active)[0], lines=1,
+                                                     max_lines=1, max_length=None, elem_id="complete-prompt")
+                        keep_rows = gr.Slider(1, KEEP_ROWS_MAX, value=DEFAULT_KEEP_ROWS, step=1,
+                                              label="Rows of codes to keep from the top", elem_id="keep-rows")
+                        with gr.Row():
+                            complete_run = gr.Button("Complete", variant="primary", elem_id="complete")
+                            complete_stop = gr.Button("Stop", variant="stop", min_width=90, elem_id="complete-stop")
         with gr.Accordion("Advanced settings", open=False):
             negative = gr.Textbox(label="Negative prompt", placeholder="what the images should not show",
                                   lines=1, max_lines=2)
@@ -412,6 +528,7 @@ def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | 
                 num_images = gr.Slider(n.minimum, n.maximum, value=n.default, step=1, label="Number of images")
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
                 randomize = gr.Checkbox(value=True, label="Randomize seed", elem_id="randomize-seed")
+                seamless = gr.Checkbox(False, label="Tileable (seamless) images", elem_id="seamless")
             model_info = gr.Markdown(h.model_status(active), elem_classes="notice")
             gr.Markdown(availability_markdown(catalog), elem_classes="notice")
             with gr.Row():
@@ -426,7 +543,12 @@ def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | 
             object_fit="contain", format="png", elem_id="gallery", buttons=["share", "download", "fullscreen"],
             interactive=False,
         )
-        download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
+        selected = gr.State(None)
+        with gr.Row():
+            complete_from = gr.Button("Complete the selected image", size="sm", elem_id="complete-from")
+            download = gr.DownloadButton("Download grid (PNG)", visible=False, elem_id="download-grid")
+        tiling = gr.Image(label="Tiling preview (2x2)", visible=False, interactive=False, format="png",
+                          elem_id="tiling")
         with gr.Accordion("Details", open=False):
             summary = gr.JSON(label="Summary", elem_id="summary")
         examples = gr.Examples(examples=[[e] for e in examples_for(catalog, active)], inputs=[prompt],
@@ -434,19 +556,40 @@ def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | 
         request_seed = gr.Number(value=RANDOM_SEED, precision=0, visible=False)  # what /generate is sent
         status_timer = gr.Timer(STATUS_REFRESH_S, active=pool.default_loading())
 
-        inputs = [prompt, negative, model, num_images, request_seed, temperature, top_k, top_p, cond_scale]
+        common = [negative, model, num_images, request_seed, temperature, top_k, top_p, cond_scale, seamless]
+        gr.on([run.click, prompt.submit, complete_run.click, complete_prompt.submit],
+              lambda: (gr.Image(visible=False), None), None, [tiling, selected], queue=False,
+              api_visibility="private")
         started = gr.on(
             [run.click, prompt.submit], h.before_generate, [num_images, seed, randomize],
             [download, gallery, request_seed], queue=False, api_visibility="private",
         )
         generating = started.then(
-            h.generate, inputs, [gallery, summary], api_name="generate",
+            h.generate, [prompt, *common], [gallery, summary], api_name="generate",
             api_description="Generate images for a prompt; returns the CLIP-ranked gallery and a JSON summary.",
             preprocess=False, concurrency_limit=CONCURRENCY, concurrency_id="generate",
         )
-        generating.success(h.grid_download, [gallery, summary], download, api_visibility="private")
-        generating.success(h.seed_used, summary, seed, api_visibility="private", queue=False)
+        complete_started = gr.on(
+            [complete_run.click, complete_prompt.submit], h.before_generate, [num_images, seed, randomize],
+            [download, gallery, request_seed], queue=False, api_visibility="private",
+        )
+        completing = complete_started.then(
+            h.complete, [start_image, complete_prompt, keep_rows, *common], [gallery, summary],
+            api_name="complete",
+            api_description="Keep the top keep_rows code rows of an image and draw the rest from the prompt; "
+                            "returns the CLIP-ranked gallery and a JSON summary, like /generate.",
+            preprocess=False, concurrency_limit=CONCURRENCY, concurrency_id="generate",
+        )
+        for event in (generating, completing):
+            event.success(h.grid_download, [gallery, summary], download, api_visibility="private")
+            event.success(h.seed_used, summary, seed, api_visibility="private", queue=False)
+            event.success(h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
         stop.click(None, None, None, cancels=[generating])
+        complete_stop.click(None, None, None, cancels=[completing])
+        gallery.select(selected_index, None, selected, queue=False, api_visibility="private").then(
+            h.tiling_preview, [gallery, summary, selected], tiling, api_visibility="private")
+        complete_from.click(h.complete_from, [gallery, selected, prompt], [tabs, start_image, complete_prompt],
+                            api_visibility="private")
         settings = [model_info, temperature, top_k, top_p, cond_scale, examples.dataset]
         model.change(h.model_changed, model, settings, api_visibility="private", queue=False)
         demo.load(h.page_opened, None, [heading, active_line, model, *settings[1:], status_timer],
@@ -459,11 +602,11 @@ def build_app(catalog: Catalog, pool: ModelPool | None, *, handlers: Handlers | 
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """How the app is served: no uploads, no extra files exposed, monitoring off."""
+    """How the app is served: uploads only up to the start-image limit, no extra files exposed, monitoring off."""
     return dict(
         css=CSS,
         max_threads=CONCURRENCY,  # also Gradio's number of job slots: 40 would cap CONCURRENCY
-        max_file_size="1mb",
+        max_file_size=f"{MAX_UPLOAD_BYTES // 2**20}mb",  # start images of completions
         allowed_paths=[],
         enable_monitoring=False,
         show_error=False,

@@ -211,6 +211,17 @@ def check_model(value: Any, models: Mapping[str, str | None], default: str) -> s
     return value
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """A yes/no parameter: true/false (None: false; 0 and 1 are accepted too)."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    raise ValidationError(f"{name} must be true or false (got {type(value).__name__} {_show(value)}).")
+
+
 def validate_request(
     prompt: Any,
     negative_prompt: Any = "",
@@ -221,6 +232,7 @@ def validate_request(
     top_k: Any = None,
     top_p: Any = None,
     cond_scale: Any = None,
+    seamless: Any = False,
     *,
     models: Mapping[str, str | None],
     default_model: str,
@@ -251,5 +263,6 @@ def validate_request(
         sampling=SamplingSettings(**sampling),
         notices=tuple(notices + negative_notices),
         client=client,
+        seamless=check_flag(seamless, "seamless"),
     )
 

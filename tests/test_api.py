@@ -7,6 +7,7 @@ injection: a corrupt msgpack, a missing file, a file that vanishes after startup
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
@@ -25,7 +26,9 @@ from PIL import Image
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry
 from dalle_app.hub import describe_availability
 from dalle_app.scheduler import JobCancelled
+from dalle_app.images import read_codes
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app
+from dalle_app.uploads import MAX_UPLOAD_BYTES
 from tests.app_support import (
     OutOfMemoryPipeline, SlowPipeline, make_tiny_models, read_metadata, recording_scheduler, serve,
 )
@@ -113,15 +116,17 @@ def same_images(paths_a, paths_b) -> bool:
 
 def test_endpoint_is_named_and_every_argument_but_prompt_is_optional(client):
     api = client.view_api(print_info=False, return_format="dict")
-    assert list(api["named_endpoints"]) == ["/generate"]
+    assert list(api["named_endpoints"]) == ["/generate", "/complete"]
     params = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
     assert list(params) == ["prompt", "negative_prompt", "model", "num_images", "seed", "temperature", "top_k",
-                            "top_p", "cond_scale"]
+                            "top_p", "cond_scale", "seamless"]
     assert not params["prompt"]["parameter_has_default"]
     assert all(p["parameter_has_default"] for name, p in params.items() if name != "prompt")
     defaults = {name: p["parameter_default"] for name, p in params.items() if name != "prompt"}
     assert defaults == {"negative_prompt": None, "model": "tiny", "num_images": 9, "seed": -1, "temperature": 1.0,
-                        "top_k": 50, "top_p": 1.0, "cond_scale": 10.0}
+                        "top_k": 50, "top_p": 1.0, "cond_scale": 10.0, "seamless": False}
+    complete = [p["parameter_name"] for p in api["named_endpoints"]["/complete"]["parameters"]]
+    assert complete == ["image", "prompt", "keep_rows", *list(params)[1:]]
 
 
 def test_prompt_alone_gives_nine_ranked_images_with_captions(client):
@@ -131,7 +136,7 @@ def test_prompt_alone_gives_nine_ranked_images_with_captions(client):
     assert summary["scores"] == sorted(summary["scores"], reverse=True)
     assert summary["parameters"] | {"seed": 0} == {
         "prompt": "a red square above a blue circle", "negative_prompt": "", "model": "tiny", "num_images": 9,
-        "seed": 0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0,
+        "seed": 0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0, "seamless": False,
     }
     base = summary["parameters"]["seed"]
     assert sorted(summary["seeds"]) == [(base + i) % 2**31 for i in range(9)]
@@ -218,14 +223,14 @@ def raw_call(url: str, body: str) -> str:
 
 @pytest.mark.parametrize("value,message", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")])
 def test_nan_and_infinity_over_raw_http_are_rejected(server, value, message):
-    body = '{"data": ["a red square", null, null, 1, -1, %s, 50, 1.0, 10.0]}' % value
+    body = '{"data": ["a red square", null, null, 1, -1, %s, 50, 1.0, 10.0, false]}' % value
     stream = raw_call(server[0], body)
     assert "event: error" in stream
     assert f"temperature must be a number greater than 0 and at most 5 (got {message})" in stream
 
 
 def test_lone_surrogates_from_a_browser_are_dropped_with_a_notice(server):
-    body = json.dumps({"data": ["a red square \\ud800", None, None, 1, 7, 1.0, 50, 1.0, 10.0]})
+    body = json.dumps({"data": ["a red square \\ud800", None, None, 1, 7, 1.0, 50, 1.0, 10.0, False]})
     body = body.replace("\\\\ud800", "\\ud800")  # a lone surrogate escape, as browsers send it
     stream = raw_call(server[0], body)
     assert "event: complete" in stream
@@ -337,5 +342,116 @@ def test_only_generated_files_are_served(server, path):
 
 def test_uploads_are_limited(server):
     with httpx.Client(base_url=server[0], timeout=30) as http:
-        response = http.post("/gradio_api/upload", files={"files": ("big.png", b"0" * (2 * 1024 * 1024))})
+        response = http.post("/gradio_api/upload", files={"files": ("big.png", b"0" * (MAX_UPLOAD_BYTES + 1024))})
     assert response.status_code == 413 or "exceeds" in response.text.lower()
+
+
+# ---- /complete and seamless (the tiny model draws a 4x4 code grid: keep_rows 1 to 3) ----------
+
+
+def png_codes(path: str) -> tuple[int, ...]:
+    with Image.open(path) as image:
+        image.load()
+        found = read_codes(image)
+    assert found is not None, f"{path} carries no codes"
+    return found[0]
+
+
+def test_completing_a_generated_image_keeps_its_first_rows_of_codes(client):
+    gallery, _ = generate(client, prompt="a red square", num_images=1, seed=5)
+    start = gallery[0]["image"]
+    original = png_codes(start)
+    assert len(original) == 16
+    gallery, summary = client.predict(handle_file(start), "a green star", 2, num_images=3, seed=9,
+                                      api_name="/complete")
+    assert summary["keep_rows"] == 2 and summary["status"] == "done" and len(gallery) == 3
+    for item in gallery:
+        assert png_codes(item["image"])[:8] == original[:8]
+        meta = read_metadata(item["image"])
+        assert meta["keep_rows"] == 2 and meta["prompt"] == "a green star"
+        with open(start, "rb") as f:
+            assert meta["start_image_sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+
+def test_an_uploaded_picture_of_any_size_is_completed(client, tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 140, 3), np.uint8)).save(path)
+    gallery, summary = client.predict(handle_file(str(path)), "a blue circle", 2, num_images=2, api_name="/complete")
+    assert summary["keep_rows"] == 2 and len(gallery) == 2
+    kept = {png_codes(item["image"])[:8] for item in gallery}
+    assert len(kept) == 1
+
+
+def test_seamless_is_reported_and_in_the_metadata(client):
+    gallery, summary = generate(client, prompt="a red square", num_images=1, seed=5, seamless=True)
+    assert summary["seamless"] is True and read_metadata(gallery[0]["image"])["seamless"] is True
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels, with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+BAD_COMPLETIONS = [
+    ("text", {}, "not a picture this app can read"),
+    ("bomb", {}, "far more than 50 megapixels"),
+    ("large", {}, "56.0 megapixels"),
+    ("none", {}, "Please give an image"),
+    ("good", {"keep_rows": 0}, "keep_rows must be a whole number from 1 to 3"),
+    ("good", {"keep_rows": 4}, "got 4 (everything kept"),
+    ("good", {"keep_rows": 9}, "from 1 to 3"),
+    ("good", {"keep_rows": -1}, "got -1"),
+    ("good", {"keep_rows": 1.5}, "not a whole number"),
+    ("good", {"keep_rows": "2"}, "got str"),
+    ("good", {"prompt": ""}, "Please enter a prompt"),
+    ("good", {"seamless": "yes"}, "seamless must be true or false"),
+]
+
+
+@pytest.mark.parametrize("kind,kwargs,message", BAD_COMPLETIONS, ids=[str(i) for i in range(len(BAD_COMPLETIONS))])
+def test_bad_completions_get_a_clear_message_and_the_next_request_works(client, tmp_path, kind, kwargs, message):
+    files = {"text": b"hello, not a picture", "bomb": bomb_png(20_000, 20_000), "large": bomb_png(8_000, 7_000)}
+    path = tmp_path / "start.png"
+    if kind == "good":
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
+    elif kind in files:
+        path.write_bytes(files[kind])
+    image = None if kind == "none" else handle_file(str(path))
+    args = {"prompt": "a red square", "keep_rows": 2, "num_images": 1} | kwargs
+    with pytest.raises(AppError) as info:
+        client.predict(image, api_name="/complete", **args)
+    assert message in str(info.value)
+    gallery, _ = generate(client, prompt="a yellow circle", num_images=1)
+    assert len(gallery) == 1
+
+
+def test_a_server_path_is_never_read_as_the_start_image(server):
+    body = json.dumps({"data": [{"path": str(Path(__file__).resolve().parents[1] / "docs" / "app_screenshot.png")},
+                                "a red square", 2, None, None, 1, -1, None, None, None, None, False]})
+    with httpx.Client(base_url=server[0], timeout=60) as http:
+        posted = http.post("/gradio_api/call/complete", content=body, headers={"content-type": "application/json"})
+        posted.raise_for_status()
+        stream = http.get(f"/gradio_api/call/complete/{posted.json()['event_id']}").text
+    assert "event: error" in stream and "event: complete" not in stream
+
+
+def test_nan_keep_rows_over_raw_http_is_rejected(server, tmp_path):
+    path = tmp_path / "start.png"
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(path)
+    with httpx.Client(base_url=server[0], timeout=60) as http:
+        files = http.post("/gradio_api/upload", files={"files": ("start.png", path.read_bytes())}).json()
+        image = {"path": files[0], "meta": {"_type": "gradio.FileData"}}
+        rest = 'NaN, null, null, 1, -1, null, null, null, null, false'
+        body = '{"data": [%s, "a red square", %s]}' % (json.dumps(image), rest)
+        posted = http.post("/gradio_api/call/complete", content=body, headers={"content-type": "application/json"})
+        posted.raise_for_status()
+        stream = http.get(f"/gradio_api/call/complete/{posted.json()['event_id']}").text
+    assert "event: error" in stream and "keep_rows must be a whole number from 1 to 3" in stream and "got nan" in stream

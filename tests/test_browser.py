@@ -224,3 +224,36 @@ def test_the_active_model_line_says_what_the_model_draws(page):
     if "Embedded" in page.title():
         expect(line).to_contain_text("draws coloured shapes")
         expect(page.get_by_text("a purple diamond").first).to_be_visible()  # the examples suit it
+
+
+def test_complete_an_image_tab_uploads_completes_and_restarts_from_the_gallery(page, tmp_path):
+    """Upload a picture in the second tab, keep its top 2 code rows, complete it; then start a new
+    completion from a gallery image with "Complete the selected image"."""
+    from PIL import Image
+
+    expect = playwright_api.expect
+    start = tmp_path / "start.png"
+    Image.new("RGB", (120, 80), (220, 40, 40)).save(start)
+    open_advanced_and_set_images(page, 2)
+    page.get_by_role("tab", name="Complete an image").click()
+    page.locator("#start-image input[type=file]").set_input_files(str(start))
+    expect(page.locator("#start-image img")).to_have_count(1, timeout=60_000)
+    page.get_by_label("Completion prompt").fill("a blue circle")
+    rows = page.get_by_label("number input for Rows of codes to keep from the top")
+    state = page.get_by_label("range slider for Rows of codes to keep from the top")
+    for _ in range(20):  # typed until the app has taken it (see open_advanced_and_set_images)
+        rows.fill("2")
+        rows.press("Tab")
+        page.wait_for_timeout(250)
+        if state.input_value() == "2":
+            break
+    page.locator("#complete").click()
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=240_000)
+    expect(page.locator("#gallery").get_by_text("#1 · CLIP")).to_be_visible(timeout=60_000)
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gallery img").nth(1).click()
+    page.locator("#complete-from").click()
+    expect(page.get_by_role("tab", name="Complete an image")).to_have_attribute("aria-selected", "true",
+                                                                                  timeout=30_000)
+    expect(page.locator("#start-image img")).to_have_count(1, timeout=30_000)
+    page.screenshot(path=str(tmp_path / "complete.png"), full_page=True)

@@ -105,3 +105,46 @@ def test_grid_shape_and_unicode_metadata(tmp_path):
         assert im.getpixel((12, 12)) == (255, 255, 255)  # the empty fourth cell
     with pytest.raises(ValueError):
         pngs.grid_shape(0)
+
+
+def test_cli_completes_its_own_image_from_its_exact_codes(pool, tiny, tmp_path, capsys):
+    each = tmp_path / "each"
+    assert cli.main(["a red square", "--images", "1", "--seed", "3", "--out", str(tmp_path / "a.png"),
+                     "--save-images", str(each)], pool=pool) == 0
+    start = next(each.glob("*.png"))
+    with Image.open(start) as image:
+        image.load()
+        original, model = pngs.read_codes(image)
+    assert model == "tiny" and len(original) == 16
+    again = ModelPool(pool.catalog, load_scheduler)  # the first run closed its scheduler
+    done = tmp_path / "done"
+    assert cli.main(["a green star", "--init-image", str(start), "--keep-rows", "3", "--images", "2",
+                     "--seamless", "--out", str(tmp_path / "b.png"), "--save-images", str(done)], pool=again) == 0
+    meta = read_metadata(tmp_path / "b.png")
+    assert meta["keep_rows"] == 3 and meta["seamless"] is True and len(meta["start_image_sha256"]) == 64
+    for path in done.glob("*.png"):
+        with Image.open(path) as image:
+            image.load()
+            assert pngs.read_codes(image)[0][:12] == original[:12]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--keep-rows", "2"], "--keep-rows needs --init-image"),
+        (["--init-image", "missing.png"], "was not found"),
+        (["--init-image", "NOT_A_PICTURE"], "not a picture this app can read"),
+        (["--init-image", "START", "--keep-rows", "4"], "keep_rows must be a whole number from 1 to 3"),
+        (["--init-image", "START", "--keep-rows", "0"], "nothing kept"),
+        (["--init-image", "START", "--keep-rows", "nan"], "got nan"),
+        (["--init-image", "START", "--keep-rows", "1.5"], "not a whole number"),
+    ],
+)
+def test_cli_rejects_bad_completions(pool, tmp_path, capsys, extra, message):
+    start, text = tmp_path / "start.png", tmp_path / "note.png"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(start)
+    text.write_text("not a picture")
+    extra = [str(start) if a == "START" else str(text) if a == "NOT_A_PICTURE" else
+             str(tmp_path / a) if a == "missing.png" else a for a in extra]
+    assert cli.main(["a red square", "--out", str(tmp_path / "g.png"), *extra], pool=pool) == 2
+    assert message in capsys.readouterr().err

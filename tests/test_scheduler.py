@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_app.pipeline import GenerationStopped, ImageSpec, PipelineOutput
+from dalle_app.pipeline import GenerationStopped, ImageSpec, PipelineOutput, check_request
 from dalle_app.request import GenerationRequest, SamplingSettings
 from dalle_app.scheduler import JobCancelled, JobFailed, QueueFullError, Scheduler
 
@@ -24,6 +24,7 @@ class FakePipeline:
     """Codes = the seed repeated; records every loop; can block or fail on demand."""
 
     image_length = LENGTH
+    check = staticmethod(check_request)  # the settings; no model grid to check completions against
 
     def __init__(self) -> None:
         self.loops: list[list[ImageSpec]] = []

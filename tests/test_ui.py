@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dalle_app import images as pngs
+from dalle_app import ui
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry, short_reason
 from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
@@ -42,7 +43,18 @@ class ScriptedJob:
         self.cancelled.set()
 
 
+class FourByFourVQGAN:
+    """Encodes every picture to the codes 0..15 of a 4x4 grid (64 codes in the codebook)."""
+
+    config = SimpleNamespace(latent_size=4, num_codes=16, n_embed=64)
+
+    def encode_images(self, images):
+        return np.stack([np.arange(16, dtype=np.int32) for _ in images])
+
+
 class ScriptedScheduler:
+    pipeline = SimpleNamespace(vqgan=FourByFourVQGAN())
+
     def __init__(self, script="ok", hold=None):
         self.script, self.hold, self.jobs = script, hold, []
 
@@ -53,8 +65,8 @@ class ScriptedScheduler:
             events = [JobEvent("queued"), JobEvent("error", error="Out of memory while generating: try fewer images")]
         else:
             n = request.num_images
-            images = [SimpleNamespace(image=tile(10 * i), score=1.0 - 0.1 * i, seed=request.seed + n - i)
-                      for i in range(n)]
+            images = [SimpleNamespace(image=tile(10 * i), score=1.0 - 0.1 * i, seed=request.seed + n - i,
+                                      codes=np.full(16, i, np.int32)) for i in range(n)]
             result = SimpleNamespace(images=[images], timings={"total_s": 0.5}, normalized=[" " + request.prompt],
                                      truncated=[False])
             events = [
@@ -243,14 +255,91 @@ def test_sliders_follow_the_chosen_models_recommended_settings(tmp_path):
     assert (sliders["Condition scale"], sliders["Top-k"]) == (3.0, 50)
 
 
-def test_app_exposes_one_public_generate_endpoint(tmp_path):
+def test_app_exposes_the_generate_and_complete_endpoints(tmp_path):
     h = make_handlers(tmp_path, ScriptedScheduler())
     demo = build_app(h.catalog, h.pool, handlers=h)
     info = demo.get_api_info()
-    assert list(info["named_endpoints"]) == ["/generate"]
+    assert list(info["named_endpoints"]) == ["/generate", "/complete"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     assert params == ["prompt", "negative_prompt", "model", "num_images", "seed", "temperature", "top_k",
-                      "top_p", "cond_scale"]
+                      "top_p", "cond_scale", "seamless"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/complete"]["parameters"]]
+    assert params == ["image", "prompt", "keep_rows", "negative_prompt", "model", "num_images", "seed",
+                      "temperature", "top_k", "top_p", "cond_scale", "seamless"]
+
+
+def uploaded(tmp_path, monkeypatch, image, name="start.png"):
+    """`image` saved where Gradio keeps uploads (here: a folder of the test's own)."""
+    folder = tmp_path / "uploads"
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setattr(ui, "get_upload_folder", lambda: str(folder))
+    path = folder / name
+    image.save(path)
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_complete_encodes_the_upload_and_reports_keep_rows(tmp_path, monkeypatch):
+    scheduler = ScriptedScheduler()
+    h = make_handlers(tmp_path, scheduler)
+    image = uploaded(tmp_path, monkeypatch, Image.new("RGB", (30, 20), (1, 2, 3)))
+    *_, (gallery, summary) = run(collect(h.complete(image, "a red square", 3, num_images=2, seed=4)))
+    request = scheduler.jobs[0].request
+    assert request.completion.codes == tuple(range(16)) and request.completion.keep_rows == 3
+    assert summary["keep_rows"] == 3 and summary["parameters"]["keep_rows"] == 3
+    with open(image["path"], "rb") as f:
+        assert summary["parameters"]["start_image_sha256"] == __import__("hashlib").sha256(f.read()).hexdigest()
+    assert gallery[0][0].info[pngs.CODES_KEY] == ",".join(["0"] * 16)  # the result's own codes travel along
+
+
+def test_complete_from_a_generated_png_uses_its_own_codes(tmp_path, monkeypatch):
+    scheduler = ScriptedScheduler()
+    h = make_handlers(tmp_path, scheduler)
+    image = uploaded(tmp_path, monkeypatch, tile(5))
+    pngs.save_png(tile(5), image["path"], {"model": "embedded"}, [7] * 16)  # as the app writes its images
+    run(collect(h.complete(image, "a red square", 2, num_images=1)))
+    assert scheduler.jobs[0].request.completion.codes == (7,) * 16
+
+
+@pytest.mark.parametrize("keep_rows,message", [(0, "from 1 to 3"), (4, "from 1 to 3"), (2.5, "not a whole number")])
+def test_complete_refuses_bad_keep_rows(tmp_path, monkeypatch, keep_rows, message):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    image = uploaded(tmp_path, monkeypatch, tile(3))
+    with pytest.raises(gr.Error) as info:
+        run(collect(h.complete(image, "a red square", keep_rows)))
+    assert message in info.value.message
+
+
+def test_complete_reads_no_file_outside_the_upload_folder(tmp_path, monkeypatch):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    uploaded(tmp_path, monkeypatch, tile(3))
+    elsewhere = tmp_path / "private.png"
+    tile(9).save(elsewhere)
+    for value in (str(elsewhere), {"path": str(elsewhere)}, {"path": str(tmp_path / "uploads" / ".." / "private.png")}):
+        with pytest.raises(gr.Error, match="must be uploaded with the request"):
+            run(collect(h.complete(value, "a red square", 2)))
+    with pytest.raises(gr.Error, match="Please give an image"):
+        run(collect(h.complete(None, "a red square", 2)))
+
+
+def test_tiling_preview_and_complete_from_the_gallery(tmp_path):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(first)
+    picture = np.zeros((8, 8, 3), np.uint8)
+    picture[:4] = 255
+    Image.fromarray(picture).save(second)
+    gallery = [(str(first), "#1"), (str(second), "#2")]
+    hidden = h.tiling_preview(gallery, {"status": "done", "seamless": False}, None)
+    assert hidden.visible is False
+    shown = h.tiling_preview(gallery, {"status": "done", "seamless": True}, 1)
+    tiled = np.asarray(shown.value if isinstance(shown.value, Image.Image) else Image.open(shown.value["path"]))
+    assert shown.visible is True and tiled.shape == (16, 16, 3)
+    np.testing.assert_array_equal(tiled[:8, :8], picture)
+    np.testing.assert_array_equal(tiled[8:, 8:], picture)
+    tabs, path, prompt = h.complete_from(gallery, 1, "a red square")
+    assert path == str(second) and prompt == "a red square"
+    with pytest.raises(gr.Error, match="Generate images first"):
+        h.complete_from([], None, "x")
 
 
 def test_warmup_sizes_and_the_unavailable_list(tmp_path):
@@ -272,3 +361,11 @@ def test_an_unexpected_failure_ends_the_request_with_a_message(tmp_path):
     h = make_handlers(tmp_path, Broken())
     with pytest.raises(gr.Error, match="Generation failed unexpectedly"):
         run(collect(h.generate("a red square", num_images=1)))
+
+
+def test_complete_needs_the_models_in_this_process(tmp_path, monkeypatch):
+    h = make_handlers(tmp_path, ScriptedScheduler())
+    h.backend = SimpleNamespace()  # e.g. Ray Serve replicas: the start picture cannot be encoded here
+    image = uploaded(tmp_path, monkeypatch, tile(3))
+    with pytest.raises(gr.Error, match="separate model servers"):
+        run(collect(h.complete(image, "a red square", 2)))

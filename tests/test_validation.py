@@ -34,7 +34,19 @@ def test_defaults_are_the_original_ones():
     assert r.parameters() == {
         "prompt": "a red square above a blue circle", "negative_prompt": "", "model": "embedded",
         "num_images": 9, "seed": 1234, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "cond_scale": 10.0,
+        "seamless": False,
     }
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, False), (False, False), (True, True), (0, False), (1, True)])
+def test_seamless_is_a_yes_or_no(value, expected):
+    assert validate(seamless=value).seamless is expected
+
+
+@pytest.mark.parametrize("value", ["true", 2, math.nan, [True], 0.5])
+def test_seamless_refuses_anything_else(value):
+    with pytest.raises(ValidationError, match="seamless must be true or false"):
+        validate(seamless=value)
 
 
 def test_left_out_sampling_settings_take_the_models_recommended_ones():

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from dalle_app.models.vqgan import (
     GroupNorm,
@@ -21,11 +22,13 @@ from dalle_app.models.vqgan import (
     UpsampleConv,
     VQGANConfig,
     build_vqgan,
+    image_pixels,
     init_params,
     load_vqgan,
     param_shapes,
     save_vqgan,
     to_uint8,
+    wrap_weights,
 )
 from dalle_app.models.weights import CheckpointError, flatten, unflatten
 
@@ -192,3 +195,63 @@ def test_training_steps_reduce_reconstruction_loss(tiny_params: dict) -> None:
     for _ in range(15):
         params, opt_state, rec, _ = step(params, opt_state)
     assert float(rec) < 0.5 * float(first)
+
+
+def test_image_pixels_centre_crops_resizes_and_converts_any_mode() -> None:
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, 10:20] = (255, 0, 0)  # the centred square is red, the sides black
+    pixels = image_pixels(Image.fromarray(wide), 10)
+    assert pixels.shape == (10, 10, 3) and pixels.dtype == np.float32
+    np.testing.assert_allclose(pixels[..., 0], 1.0) and np.testing.assert_allclose(pixels[..., 1:], 0.0)
+    assert image_pixels(Image.fromarray(wide), 20).shape == (20, 20, 3)
+    tall = Image.fromarray(np.full((40, 8, 3), 200, np.uint8))
+    np.testing.assert_allclose(image_pixels(tall, 4), 200 / 255, atol=1e-6)
+    clear = Image.new("RGBA", (6, 6), (0, 0, 0, 0))  # transparent: over white
+    np.testing.assert_allclose(image_pixels(clear, 6), 1.0)
+    grey16 = Image.fromarray(np.full((6, 6), 65535, np.uint16))
+    np.testing.assert_allclose(image_pixels(grey16, 6), 1.0)
+    for mode in ("1", "L", "P", "CMYK", "LA", "I", "F", "YCbCr"):
+        out = image_pixels(Image.new(mode, (9, 5)), 4)
+        assert out.shape == (4, 4, 3) and 0.0 <= out.min() <= out.max() <= 1.0
+
+
+def test_encode_images_matches_encoding_the_pixels(tiny_params: dict, tmp_path: Path) -> None:
+    save_vqgan(tmp_path, TINY, tiny_params)
+    vq = load_vqgan(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)) for _ in range(2)]
+    pixels = np.stack([np.asarray(im, np.float32) / 255 for im in images])
+    np.testing.assert_array_equal(vq.encode_images(images), np.asarray(vq.encode(pixels)[0]))
+    assert vq.encode_images([]).shape == (0, TINY.num_codes)
+
+
+def test_wrap_weights_fall_from_the_edges_to_zero_a_quarter_in() -> None:
+    w = wrap_weights(64)
+    assert w[0] > 0.99 and w[-1] > 0.99 and np.all(w[16:48] == 0)
+    np.testing.assert_allclose(w, w[::-1])
+    assert np.all(np.diff(w[:17]) <= 0)
+
+
+def test_seamless_decoding_removes_the_seam_and_keeps_the_middle() -> None:
+    """The embedded VQGAN on code grids that repeat every 2 codes (each scene's top-left 2x2
+    codes, tiled): the wrap (last column against the first, last row against the first) is then
+    the same code boundary as the one between pixels 31 and 32. Decoded seamless the two differ
+    alike; decoded plainly the wrap shows the decoder's frame. Away from the edges the seamless
+    picture is the plain one."""
+    from dalle_app.data import batch
+
+    vq = load_vqgan(Path(__file__).parent.parent / "assets" / "vqgan-embedded")
+    images = batch(seed=3, n=4).images.astype(np.float32) / 255
+    grids = np.asarray(vq.encode(images)[0]).reshape(4, 16, 16)
+    codes = np.tile(grids[:, :2, :2], (1, 8, 8)).reshape(4, -1)
+
+    def difference(pixels: np.ndarray, a: int, b: int) -> float:
+        return float(np.abs(pixels[:, :, a] - pixels[:, :, b]).mean() + np.abs(pixels[:, a] - pixels[:, b]).mean())
+
+    plain, seamless = np.asarray(vq.decode(codes)), np.asarray(vq.decode(codes, seamless=True))
+    assert seamless.shape == plain.shape
+    inside = difference(seamless, 31, 32)
+    assert difference(seamless, -1, 0) == pytest.approx(inside, rel=0.1)
+    assert difference(plain, -1, 0) > 3 * difference(plain, 31, 32)
+    middle = slice(16, 48)
+    np.testing.assert_allclose(seamless[:, middle, middle], plain[:, middle, middle], atol=1e-5)

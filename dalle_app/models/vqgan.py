@@ -7,6 +7,16 @@ loads as-is. The math follows taming-transformers (the same as vqgan-jax after i
 fix): GroupNorm(32, eps 1e-6), swish, single-head attention applied right after its res block,
 nearest x2 upsampling then a 3x3 conv, bottom/right zero padding before the stride-2 conv.
 
+Seamless decoding (`VQGAN.decode(codes, seamless=True)`) reads the code grid as a torus, for
+pictures that tile. The decoder draws a faint frame where its zero padding meets the picture's
+edges, so the grid is also decoded rolled by half its side (across one axis, the other, both):
+there the edges sit in the middle, with their wrap-around neighbours beside them. Near each edge
+the picture is taken from the decode that has that edge inside, blended by weights that are 1 at
+the edge and 0 from a quarter of the side inwards (`wrap_weights`), so the middle is the plain
+decode unchanged. Four decodes instead of one; the weights are the published ones. Circular
+padding of the convolutions, the usual way, ruins the embedded model's pictures: its group norms
+and mid attention take the zero-padded edges into account, and the colours change everywhere.
+
 Pixel range: the network itself has no range built in. DALL·E Mini encodes images as floats in
 [0, 1] (no `2x - 1`), so its codes decode to roughly [0, 1]; `to_uint8` clips to [0, 1] and
 truncates `x * 255`, as DALL·E Mini does. Everything is NHWC.
@@ -19,13 +29,14 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from dalle_app.models.weights import (
     CheckpointError,
@@ -514,6 +525,31 @@ def _decode_codes(module: VQModel, params: Tree, codes: jax.Array) -> jax.Array:
     return decode(codes)
 
 
+def wrap_weights(size: int) -> np.ndarray:
+    """Per pixel along one axis (size,): how much of the decode rolled by half along that axis
+    a seamless picture takes. 1 at both edges, falling as cos² to 0 a quarter of the way in."""
+    distance = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size))  # to the nearest edge
+    ramp = distance / (size / 4)
+    return np.where(ramp < 1, np.cos(np.pi / 2 * np.minimum(ramp, 1.0)) ** 2, 0.0)
+
+
+@partial(jax.jit, static_argnums=0)
+def _decode_seamless(module: VQModel, params: Tree, codes: jax.Array) -> jax.Array:
+    side = module.config.latent_size
+    grid = codes.reshape(codes.shape[0], side, side)
+    weights = jnp.asarray(wrap_weights(module.config.resolution), jnp.float32)
+    along_x, along_y = weights[None, None, :, None], weights[None, :, None, None]
+    out = 0.0
+    for dy in (0, 1):
+        for dx in (0, 1):
+            rolled = jnp.roll(grid, (dy * side // 2, dx * side // 2), axis=(1, 2)).reshape(codes.shape)
+            pixels = _decode_codes(module, params, rolled)
+            half = module.config.resolution // 2
+            pixels = jnp.roll(pixels, (-dy * half, -dx * half), axis=(1, 2))
+            out = out + pixels * (along_x if dx else 1 - along_x) * (along_y if dy else 1 - along_y)
+    return out
+
+
 @partial(jax.jit, static_argnums=0)
 def _encode_pixels(module: VQModel, params: Tree, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
     return module.apply({"params": params}, pixels, method=VQModel.encode_pixels)
@@ -533,22 +569,67 @@ class VQGAN:
     module: VQModel
     params: Tree
 
-    def decode_codes(self, params: Tree, codes: jax.Array) -> jax.Array:
-        """codes (B, h*w) int → (B, res, res, out_ch) float32, the raw decoder output (clip it yourself)."""
-        return _decode_codes(self.module, params, jnp.asarray(codes, jnp.int32))
+    def decode_codes(self, params: Tree, codes: jax.Array, seamless: bool = False) -> jax.Array:
+        """codes (B, h*w) int → (B, res, res, out_ch) float32, the raw decoder output (clip it yourself).
+
+        `seamless` decodes the grid as a torus, for pictures that tile (module docstring)."""
+        codes = jnp.asarray(codes, jnp.int32)
+        return (_decode_seamless if seamless else _decode_codes)(self.module, params, codes)
 
     def encode_pixels(self, params: Tree, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         """pixels (B, res, res, in_channels), DALL·E Mini's [0, 1] range, fed to the encoder as they are
         → (indices (B, h*w) int32, quantized (B, h, w, embed_dim) float32)."""
         return _encode_pixels(self.module, params, jnp.asarray(pixels))
 
-    def decode(self, codes: jax.Array) -> jax.Array:
+    def decode(self, codes: jax.Array, seamless: bool = False) -> jax.Array:
         """`decode_codes` with this model's own parameters."""
-        return self.decode_codes(self.params, codes)
+        return self.decode_codes(self.params, codes, seamless)
 
     def encode(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`encode_pixels` with this model's own parameters."""
         return self.encode_pixels(self.params, pixels)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Pictures of any size and mode → their codes (N, h*w) int32, row-major: each is
+        centre-cropped and resized to the model's resolution first (`image_pixels`)."""
+        if not images:
+            return np.zeros((0, self.config.num_codes), np.int32)
+        pixels = np.stack([image_pixels(image, self.config.resolution) for image in images])
+        return np.asarray(self.encode(pixels)[0], np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures in
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: transparency over white, 16-bit and float greys scaled to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.nan_to_num(np.asarray(image, np.float64))
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_pixels(image: Image.Image, resolution: int) -> np.ndarray:
+    """A picture as the VQGAN's input: the largest centred square, resized to resolution x
+    resolution, as float32 RGB in [0, 1] (resolution, resolution, 3)."""
+    rgb = _rgb(image)
+    width, height = rgb.size
+    side = min(width, height)
+    if side < 1:
+        raise ValueError(f"the image is empty ({width}x{height} pixels)")
+    left, top = (width - side) // 2, (height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side))
+    if side != resolution:
+        square = square.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return np.asarray(square, np.float32) / 255.0
 
 
 # ---------------------------------------------------------------------------------------------
