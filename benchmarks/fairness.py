@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -111,16 +110,6 @@ def timed_request(client: Client, images: int, seed: int) -> float:
     return time.monotonic() - started
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an already running app (loopback only); default: start python app.py")
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         proc, url = load.start_server(args.model, args.warmup, timeout_s=900)
         print(f"server {url} up in {time.monotonic() - started:.1f} s", flush=True)
-    figures: dict[str, object] = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
+    figures: dict[str, object] = {"cpu": load.cpu_model(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
     clients: list[Client] = []
     greedy_side, polite_side, lock = Side(), Side(), threading.Lock()
     try:

@@ -19,6 +19,7 @@ import argparse
 import collections
 import json
 import os
+import platform
 import queue
 import socket
 import statistics
@@ -71,6 +72,17 @@ class Tally:
         return (f"{name}: completed {self.completed}, rejected (busy) {self.rejected}, failed {len(self.failed)}, "
                 f"mixed up {len(self.mixed)}, lost {self.lost}; latency p50 {p50:.2f} s, p95 {p95:.2f} s "
                 f"(server-side total_s p50 {m50:.2f} s)")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, written beside every figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:

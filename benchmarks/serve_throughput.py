@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,18 +24,11 @@ from pathlib import Path
 
 from gradio_client import Client
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (benchmarks/load.py: the CPU model)
+
 ROOT = Path(__file__).resolve().parents[1]
 READY_MARKER = "is listening on"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-replica", type=float, help="passed to dalle_app.serve")
     parser.add_argument("--start-timeout", type=float, default=900)
     args = parser.parse_args(argv)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); {args.requests} requests of {args.images} images "
+    print(f"CPU: {load.cpu_model()} ({os.cpu_count()} cores); {args.requests} requests of {args.images} images "
           f"from {args.users} clients per setting", flush=True)
     for replicas in (int(x) for x in args.replicas.split(",")):
         name = "python app.py" if replicas == 0 else f"dalle_app.serve --replicas {replicas}"

@@ -30,7 +30,7 @@ from dalle_app.images import read_codes
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app
 from dalle_app.uploads import MAX_UPLOAD_BYTES
 from tests.app_support import (
-    OutOfMemoryPipeline, SlowPipeline, make_tiny_models, read_metadata, recording_scheduler, serve,
+    OutOfMemoryPipeline, SlowPipeline, bomb_png, make_tiny_models, read_metadata, recording_scheduler, serve,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -385,19 +385,6 @@ def test_an_uploaded_picture_of_any_size_is_completed(client, tmp_path):
 def test_seamless_is_reported_and_in_the_metadata(client):
     gallery, summary = generate(client, prompt="a red square", num_images=1, seed=5, seamless=True)
     assert summary["seamless"] is True and read_metadata(gallery[0]["image"])["seamless"] is True
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height pixels, with almost no pixel data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 BAD_COMPLETIONS = [

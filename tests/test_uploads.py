@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +13,13 @@ from PIL import Image
 from dalle_app import uploads
 from dalle_app.uploads import check_keep_rows, read_upload
 from dalle_app.validation import ValidationError
+from tests.app_support import bomb_png
 
 
 def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height pixels, with (almost) no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 def test_every_form_of_a_picture_reads_the_same(tmp_path: Path) -> None:
