@@ -39,7 +39,7 @@ def test_one_replica_per_gpu_by_default_and_cpu_replicas_without_gpus():
 
 def test_fixed_replicas_reserve_their_resources_and_hold_a_schedulers_worth_of_requests():
     options = serve.Scaling(replicas=2, gpus_per_replica=1, cpus_per_replica=2).deployment_options(
-        {"DALLE_APP_MODELS": "folder", "HF_HUB_OFFLINE": "1", "HOME": "/home/someone"})
+        {"DALLE_APP_MODELS": "folder", "HF_HUB_OFFLINE": "1", "HOME": "/srv/visitor"})
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
     assert options["max_ongoing_requests"] == MAX_QUEUED_IMAGES + MAX_BATCH_IMAGES  # one-image requests
     assert options["max_queued_requests"] == serve.MAX_QUEUED_REQUESTS
