@@ -6,11 +6,11 @@
   of completed images where the oracle finds both objects in the asked relation.
   ``completion_kept_accuracy``: the same judgement on the VQGAN round trip of the ground truth,
   the ceiling of the figure above.
-* ``seamless_seam_ratio``: for images decoded seamless, the mean absolute pixel difference across
-  the wrap (last column against the first, last row against the first) over the mean absolute
-  difference of adjacent columns and rows inside the images (``seam_ratio``); about 1 when the
-  wrap looks like any other step inside the picture. ``normal_seam_ratio``: the same images
-  decoded normally.
+* ``seamless_seam_ratio``: for tileable images (`seamless=True`: code grid wrapped by the sampler,
+  decoded seamless), the mean absolute pixel difference across the wrap (last column against the
+  first, last row against the first) over the mean absolute difference of adjacent columns and
+  rows inside the images (``seam_ratio``); about 1 when the wrap looks like any other step
+  inside the picture. ``normal_seam_ratio``: plain images of the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def completion_figures(complete: Completer, encode: Callable[[np.ndarray], np.nd
 
 def seamless_figures(render: Callable[[list[str], int, int], tuple[np.ndarray, np.ndarray]],
                      prompts: Sequence[Prompt], images_per_prompt: int, seed: int) -> dict[str, float]:
-    """``seamless_seam_ratio`` and ``normal_seam_ratio`` of the same sampled codes.
+    """``seamless_seam_ratio`` and ``normal_seam_ratio`` of the same prompts and seeds.
 
-    render(texts, images per text, seed) → (normal pictures, seamless pictures), uint8 (N, H, W, 3)."""
+    render(texts, images per text, seed) → (plain pictures, tileable pictures), uint8 (N, H, W, 3)."""
     normal, seamless = render([p.text for p in prompts], images_per_prompt, seed)
     return {"seamless_seam_ratio": seam_ratio(seamless), "normal_seam_ratio": seam_ratio(normal)}
 
@@ -95,9 +95,11 @@ def pipeline_figures(pipe: Any, settings: Mapping[str, float], seed: int = 0, n_
                                for i in range(0, len(codes), 8)])
 
     def render(texts: list[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        output = pipe(texts, num_images=n, seed=seed, **settings)
-        codes = np.stack([g.codes for ranked in output.images for g in ranked])
-        return decode(codes), decode(codes, seamless=True)
+        def pictures(seamless: bool) -> np.ndarray:
+            output = pipe(texts, num_images=n, seed=seed, seamless=seamless, **settings)
+            return np.stack([np.asarray(g.image.convert("RGB")) for ranked in output.images for g in ranked])
+
+        return pictures(False), pictures(True)
 
     rows = pipe.vqgan.config.latent_size
     figures = completion_figures(complete, encode, decode, rows, n_prompts, images_per_prompt, seed)

@@ -4,7 +4,8 @@ Stages: tokenize (dalle_app.text) → encode + cross-attention K/V once per dist
 sample codes (dalle_app.sampling, one shared loop for all images) → VQGAN decode → CLIP score →
 images ranked by score. A request may keep the top rows of a start picture's codes (image
 completion: the sampler forces them as a prefix, per row, so completions share loops with plain
-requests) and may ask for pictures that tile (the VQGAN decodes them seamless). The lower-level
+requests) and may ask for pictures that tile (the sampler wraps their code grid, the VQGAN
+decodes it seamless). The lower-level
 methods (`generate_codes`, `decode_images`, `preview_images`, `finish`) are what the request
 scheduler (dalle_app.scheduler) builds on; it is also the one place that streams progress and
 previews. Loaded pipelines are not cached here: the app's one model cache is `catalog.ModelPool`.
@@ -307,7 +308,8 @@ class DallePipeline:
             field_array("top_p", np.float32), field_array("cond_scale", np.float32),
             progress=None if progress is None else (lambda s, t, c: progress(s, t, c[:len(rows)])),
             progress_every=progress_every or PROGRESS_EVERY, steps=steps,
-            prefix_codes=prefix_codes, prefix_length=prefix_length)
+            prefix_codes=prefix_codes, prefix_length=prefix_length,
+            wrap=np.array([r.request.seamless for r in padded], bool))
         t2 = time.perf_counter()
         return codes[:len(rows)], {"encode_s": t1 - t0, "generate_s": t2 - t1}
 

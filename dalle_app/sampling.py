@@ -23,6 +23,12 @@ Forced prefixes (image completion): a row may fix its first `prefix_length` code
 that all rows share is run through the decoder in one multi-position pass that fills the cache;
 the rest is forced row by row inside the loop, so completion rows and plain rows share a loop.
 
+Tileable rows (`wrap`): the code grid is read as a torus. The last code of every grid row
+copies that row's first code and the last grid row copies the first, in place of a draw, so
+what the model draws next follows on from a border that continues across the wrap; the VQGAN
+then decodes the grid seamless (dalle_app.models.vqgan). Like the prefix it is per row, so
+tileable and plain rows share a loop.
+
 Seeds: every image row has its own PRNG key, PRNGKey(seed of that image), split once per
 position (`k_sample, k_next = split(k)`) whether the position is sampled or forced, so an image
 depends only on its seed, its request and its prefix — not on the batch size, its position in
@@ -174,6 +180,7 @@ class LoopState(NamedTuple):
     position: jax.Array  # () int32, next position to decode
     prefix_codes: jax.Array   # (B, image_length) forced codes
     prefix_length: jax.Array  # (B,) int32, positions < this take prefix_codes
+    wrap: jax.Array           # (B,) bool, tileable rows (module docstring)
     settings: Settings
 
 
@@ -182,6 +189,14 @@ def guided_hidden(hidden: jax.Array, cond_scale: jax.Array) -> jax.Array:
     (B, d). lm_head is linear without bias, so this equals guiding the logits."""
     pairs = hidden.astype(jnp.float32).reshape(-1, 2, hidden.shape[-1])
     return guide(pairs[:, 0], pairs[:, 1], cond_scale).astype(hidden.dtype)
+
+
+def wrap_source(position: jax.Array, side: int) -> jax.Array:
+    """The position whose code a tileable row copies at `position` of a side × side grid:
+    the first row's code in the last row, the row's first code in the last column, else
+    `position` itself (drawn)."""
+    row, col = position // side, position % side
+    return jnp.where(row == side - 1, col, jnp.where(col == side - 1, row * side, position))
 
 
 def prefill_length(common: int, image_length: int) -> int:
@@ -216,6 +231,7 @@ class Sampler:
         self.mesh = mesh
         self.image_length = model.config.image_length
         self.num_codes = model.config.image_vocab_size
+        self.side = int(np.sqrt(self.image_length))
         if mesh is not None:
             model = dataclasses.replace(model, params=jax.device_put(model.params, NamedSharding(mesh, P())))
         self.model = model
@@ -246,7 +262,7 @@ class Sampler:
 
     def _start_loop(self, cross_texts: KV, mask_texts: jax.Array, text_rows: jax.Array,
                     seeds: jax.Array, settings: Settings, prefix_codes: jax.Array,
-                    prefix_length: jax.Array) -> LoopState:
+                    prefix_length: jax.Array, wrap: jax.Array) -> LoopState:
         """Gather every row's cross K/V and mask, make the cache, keys and BOS tokens.
 
         text_rows (2B,) int32: for each cache row (cond, uncond interleaved), its text index.
@@ -265,6 +281,7 @@ class Sampler:
             position=jnp.zeros((), jnp.int32),
             prefix_codes=self._shard(prefix_codes),
             prefix_length=self._shard(prefix_length),
+            wrap=self._shard(wrap),
             settings=Settings(*(self._shard(x) for x in settings)),
         )
 
@@ -296,6 +313,9 @@ class Sampler:
             logits = self.model.logits(params, guided_hidden(hidden, s.cond_scale))
             draw_keys, keys = split_keys(keys)
             drawn = sample_filtered(draw_keys, logits, s.temperature, s.top_k, s.top_p, self.num_codes)
+            source = wrap_source(position, self.side)
+            copied = lax.dynamic_index_in_dim(codes, source, axis=1, keepdims=False)
+            drawn = jnp.where(state.wrap & (source != position), copied, drawn)
             forced = lax.dynamic_index_in_dim(state.prefix_codes, position, axis=1, keepdims=False)
             tokens = jnp.where(position < state.prefix_length, forced, drawn)
             codes = lax.dynamic_update_slice(codes, tokens[:, None], (0, position))
@@ -337,7 +357,7 @@ class Sampler:
                  cond_scale: np.ndarray, progress: Callable[[int, int, np.ndarray], Any] | None = None,
                  progress_every: int | None = None, steps: int | None = None,
                  prefix_codes: np.ndarray | None = None, prefix_length: np.ndarray | None = None,
-                 ) -> np.ndarray:
+                 wrap: np.ndarray | None = None) -> np.ndarray:
         """Sample B images; returns codes (B, image_length) int32.
 
         cond_text/uncond_text (B,) index the rows of `cross_texts`/`mask_texts` used as each
@@ -347,18 +367,24 @@ class Sampler:
         early (0 = compile and set up only, for warm-up).
         prefix_codes (B, image_length) int and prefix_length (B,) int: row i keeps
         prefix_codes[i, :prefix_length[i]] as its first codes (0 = plain generation).
+        wrap (B,) bool: rows whose code grid wraps, for pictures that tile (module docstring).
         """
         batch = len(seeds)
         if batch % self.num_devices:
             raise ValueError(f"batch {batch} is not a multiple of the {self.num_devices} devices")
         prefix_codes, prefix_length = self._check_prefix(batch, prefix_codes, prefix_length)
+        wrap = np.zeros(batch, bool) if wrap is None else np.asarray(wrap, bool)
+        if wrap.shape != (batch,):
+            raise ValueError(f"wrap must be ({batch},), not {wrap.shape}")
+        if wrap.any() and self.side ** 2 != self.image_length:
+            raise ValueError(f"tileable images need a square code grid, not {self.image_length} codes")
         text_rows = np.stack([cond_text, uncond_text], axis=1).reshape(-1).astype(np.int32)
         settings = Settings(
             jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
             jnp.asarray(top_p, jnp.float32), jnp.asarray(cond_scale, jnp.float32))
         state = self._start(cross_texts, jnp.asarray(mask_texts, jnp.int32), jnp.asarray(text_rows),
                             jnp.asarray(np.asarray(seeds, np.int64) % 2**32, jnp.uint32), settings,
-                            jnp.asarray(prefix_codes), jnp.asarray(prefix_length))
+                            jnp.asarray(prefix_codes), jnp.asarray(prefix_length), jnp.asarray(wrap))
         total = self.image_length if steps is None else steps
         done = min(int(prefix_length.min()), total)
         if done > 0:
@@ -394,4 +420,5 @@ def bucket_size(n: int, buckets: tuple[int, ...], multiple: int = 1) -> int:
 __all__ = [
     "GenerationStopped", "LoopState", "Sampler", "Settings", "batch_mesh", "bucket_size",
     "filter_logits", "guide", "guided_hidden", "image_seed", "sample", "sample_filtered", "split_keys",
+    "wrap_source",
 ]

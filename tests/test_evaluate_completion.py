@@ -65,7 +65,7 @@ EMBEDDED = Path(__file__).resolve().parents[1] / "assets"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (EMBEDDED / "dalle-embedded").is_dir(), reason="embedded model assets missing")
-def test_shipped_model_completes_above_its_floor_and_seamless_lowers_the_seam():
+def test_shipped_model_completes_above_its_floor_and_tiles_without_a_seam():
     """Measured with these arguments: completion 0.875 (floor 0.75), seam ratio 2.08 seamless against 3.16."""
     from dalle_app.hub import recommended_settings
     from dalle_app.pipeline import DallePipeline
@@ -74,4 +74,4 @@ def test_shipped_model_completes_above_its_floor_and_seamless_lowers_the_seam():
     figures = pipeline_figures(pipe, recommended_settings(None), seed=0, n_prompts=12, images_per_prompt=4)
     assert figures["completion_kept_accuracy"] >= 0.95
     assert figures["completion_accuracy"] >= 0.75, figures
-    assert figures["seamless_seam_ratio"] < 0.9 * figures["normal_seam_ratio"], figures
+    assert figures["seamless_seam_ratio"] <= 1.5 < figures["normal_seam_ratio"], figures

@@ -43,11 +43,12 @@ def _sampler(name: str, dtype: str = "float32") -> Sampler:
 
 
 def _generate(name: str, rows: list[int], seeds: list[int], dtype: str = "float32", pad_to: int = 16,
-              prefixes: list[np.ndarray] | None = None, **settings) -> np.ndarray:
+              prefixes: list[np.ndarray] | None = None, wrap: list[bool] | None = None,
+              **settings) -> np.ndarray:
     """Sample for the fixture prompts `rows` (cond = prompt, uncond = the empty string), padded
     to `pad_to` rows (one compiled program for most tests) with extra rows that are dropped.
     `prefixes`: each row's forced first codes (empty for plain generation); padding rows are
-    plain."""
+    plain. `wrap`: each row's tileable flag (padding rows are not)."""
     exp, sampler = _expected(name), _sampler(name, dtype)
     count = len(rows)
     pad = max(pad_to - count, 0)
@@ -64,6 +65,8 @@ def _generate(name: str, rows: list[int], seeds: list[int], dtype: str = "float3
         for i, prefix in enumerate(prefixes):
             prefix_codes[i, :len(prefix)], prefix_length[i] = prefix, len(prefix)
         forced = dict(prefix_codes=prefix_codes, prefix_length=prefix_length)
+    if wrap is not None:
+        forced["wrap"] = np.array(list(wrap) + [False] * pad, bool)
     return sampler.generate(
         cross, mask, np.array(rows, np.int32), np.full(n, len(ids) - 1, np.int32),
         np.array(seeds), full("temperature", 1.0, np.float32), full("top_k", 50, np.int32),
@@ -345,6 +348,35 @@ def test_greedy_completion_agrees_with_teacher_forcing() -> None:
     decided = (top2[..., 1] - top2[..., 0] >= TIE_MARGIN) & (np.arange(codes.shape[1]) >= 12)
     assert decided.sum() > 4
     np.testing.assert_array_equal(logits.argmax(-1)[decided], codes[decided])
+
+
+def test_tileable_rows_wrap_their_grid_and_batch_with_plain_rows() -> None:
+    """A tileable row's last column repeats its first and its last row the first; everything
+    before the last column and row is drawn as for a plain row with the same seed; the row
+    gives the same codes alone and batched with plain rows, which stay unchanged."""
+    side = _sampler("dallebart_tiny_a").side
+    plain = _generate("dallebart_tiny_a", [0, 2, 5], [3, 4, 5], pad_to=4)
+    tiled = _generate("dallebart_tiny_a", [0, 2, 5], [3, 4, 5], pad_to=4, wrap=[False, True, False])
+    np.testing.assert_array_equal(tiled[[0, 2]], plain[[0, 2]])
+    grid, plain_grid = tiled[1].reshape(side, side), plain[1].reshape(side, side)
+    np.testing.assert_array_equal(grid[:, -1], grid[:, 0])
+    np.testing.assert_array_equal(grid[-1], grid[0])
+    np.testing.assert_array_equal(grid[0, :-1], plain_grid[0, :-1])  # nothing copied yet
+    assert not np.array_equal(grid, plain_grid)
+    alone = _generate("dallebart_tiny_a", [2], [4], pad_to=1, wrap=[True])
+    np.testing.assert_array_equal(alone[0], tiled[1])
+
+
+def test_tileable_completion_keeps_its_prefix() -> None:
+    """A forced prefix wins over the wrap: the kept codes stay, the rest wraps around them (the
+    last row copies the first, kept as it is)."""
+    side = _sampler("dallebart_tiny_a").side
+    prefix = _prefixes([side + 2], seed=5)[0]
+    codes = _generate("dallebart_tiny_a", [1], [8], pad_to=1, prefixes=[prefix], wrap=[True])[0]
+    np.testing.assert_array_equal(codes[:len(prefix)], prefix)
+    grid = codes.reshape(side, side)
+    np.testing.assert_array_equal(grid[1:-1, -1], grid[1:-1, 0])
+    np.testing.assert_array_equal(grid[-1], grid[0])
 
 
 @pytest.mark.parametrize(("codes", "length", "message"), [
