@@ -1,10 +1,12 @@
 """Where a validated request is generated: the seam between the UI and the models.
 
 The Gradio handlers (dalle_app.ui) talk to a `Backend`: `submit` a checked request, then read
-the `Generation`'s scheduler events, or cancel it. `LocalBackend` is this process's model pool,
-used by `python app.py` and by each Ray Serve replica; `dalle_app.serve_backend.RayBackend`
-is the same interface over the replicas of a Ray Serve deployment. Both raise the same errors
-from `submit` (ModelLoadError, QueueFullError, ValueError) and yield the same `JobEvent`s.
+the `Generation`'s scheduler events, or cancel it; `start_completion` turns a checked upload
+into a completion request with the model's own VQGAN, where the model is loaded. `LocalBackend`
+is this process's model pool, used by `python app.py` and by each Ray Serve replica;
+`dalle_app.serve_backend.RayBackend` is the same interface over the replicas of a Ray Serve
+deployment. Both raise the same errors from `submit` (ModelLoadError, QueueFullError,
+ValueError) and yield the same `JobEvent`s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from typing import AsyncIterator, Protocol
 from dalle_app.catalog import ModelPool
 from dalle_app.request import GenerationRequest
 from dalle_app.scheduler import Job, JobEvent, QueueFullError, SchedulerClosed
+from dalle_app.uploads import Upload, start_completion
+
+
+class BackendError(RuntimeError):
+    """The model servers could not take a call (Ray Serve: none running, or lost twice); the
+    message is for the user."""
+
 
 LOCAL_REPLICA = "local"
 """The `replica` of requests generated in the app's own process."""
@@ -34,6 +43,13 @@ class Generation(Protocol):
 class Backend(Protocol):
     async def submit(self, request: GenerationRequest) -> Generation:
         """Start generating; raises ModelLoadError, QueueFullError or ValueError (the pipeline's limits)."""
+        ...
+
+    async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
+                               ) -> GenerationRequest:
+        """`request` completing `upload` from its top `keep_rows` code rows (encoded by the
+        model's VQGAN unless it carries the model's own codes); raises ModelLoadError or
+        ValidationError."""
         ...
 
 
@@ -82,6 +98,13 @@ class LocalBackend:
     def __init__(self, pool: ModelPool, replica: str = LOCAL_REPLICA) -> None:
         self.pool = pool
         self.replica = replica
+
+    async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
+                               ) -> GenerationRequest:
+        # loading may take minutes: off the event loop, but a loaded model needs no thread
+        scheduler = self.pool.loaded(request.model) or await asyncio.to_thread(self.pool.get, request.model)
+        # encoding the picture is CPU work: off the event loop too
+        return await asyncio.to_thread(start_completion, request, upload, keep_rows, scheduler.pipeline.vqgan)
 
     async def submit(self, request: GenerationRequest) -> LocalGeneration:
         for _ in range(2):  # a model unloaded (to make room) between get and submit is loaded again

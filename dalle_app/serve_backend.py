@@ -27,11 +27,12 @@ from ray import serve
 from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from dalle_app.backend import LocalBackend
+from dalle_app.backend import BackendError, LocalBackend
 from dalle_app.catalog import Catalog, ModelLoadError, ModelPool, load_scheduler
 from dalle_app.hardware import memory_budget_gb
 from dalle_app.request import GenerationRequest
 from dalle_app.scheduler import JobEvent, QueueFullError
+from dalle_app.uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ class GenerationReplica:
         finally:
             generation.cancel()  # a no-op once the job has ended
             self.outcomes[outcome] += 1
+
+    async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
+                               ) -> GenerationRequest:
+        """The completion request for a picture the front end has checked, encoded by this
+        replica's VQGAN."""
+        return await self.backend.start_completion(request, upload, keep_rows)
 
     def stats(self) -> dict[str, Any]:
         """This replica's id and how its requests ended (done / error / cancelled)."""
@@ -175,8 +182,26 @@ class RayBackend:
     """Requests go to the replicas of a `GenerationReplica` deployment (Serve spreads them)."""
 
     def __init__(self, handle: Any, retries: int = 1) -> None:
+        self._calls = handle
         self._handle = handle.options(stream=True)
         self.retries = retries
+
+    async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
+                               ) -> GenerationRequest:
+        """Any replica encodes the picture (all load the same model); its errors come back as
+        they were raised there."""
+        tries = self.retries + 1
+        while True:
+            try:
+                return await self._calls.start_completion.remote(request, upload, keep_rows)
+            except DeploymentUnavailableError:
+                raise BackendError(UNAVAILABLE_MESSAGE) from None
+            except RayTaskError as e:
+                raise _original(e) from None
+            except REPLICA_LOST:
+                tries -= 1
+                if not tries:
+                    raise BackendError(LOST_MESSAGE) from None
 
     async def submit(self, request: GenerationRequest) -> RemoteGeneration:
         generation = RemoteGeneration(self._handle, request, self.retries)

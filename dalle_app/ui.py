@@ -34,11 +34,11 @@ from PIL import Image
 
 from dalle_app import images as pngs
 from dalle_app.admission import Admission, ClientLimitError, Ticket, client_key
-from dalle_app.backend import Backend, Generation, LocalBackend
+from dalle_app.backend import Backend, BackendError, Generation, LocalBackend
 from dalle_app.catalog import EMBEDDED, Catalog, ModelEntry, ModelLoadError, ModelPool
 from dalle_app.request import DEFAULT_NUM_IMAGES, LOCAL_CLIENT, MAX_SEED, RANDOM_SEED, GenerationRequest
 from dalle_app.scheduler import JobEvent, QueueFullError
-from dalle_app.uploads import MAX_UPLOAD_BYTES, start_completion
+from dalle_app.uploads import MAX_UPLOAD_BYTES, read_upload
 from dalle_app.validation import NUMBERS, ValidationError, validate_request
 
 log = logging.getLogger(__name__)
@@ -156,16 +156,13 @@ class Handlers:
         except ValidationError as e:
             raise _error(str(e)) from None
 
-    async def _vqgan(self, model: str) -> Any:
-        """The VQGAN that encodes start pictures: the model's own, loaded in this process."""
-        if not isinstance(self.backend, LocalBackend):
-            raise _error("Completing an image needs the models in the app's own process; this server runs "
-                         "them on separate model servers, so use Generate.")
-        try:  # loading may take minutes: off the event loop, but a loaded model needs no thread
-            scheduler = self.pool.loaded(model) or await asyncio.to_thread(self.pool.get, model)
-        except ModelLoadError as e:
+    async def _start_completion(self, request: GenerationRequest, image: Any, keep_rows: Any) -> GenerationRequest:
+        """The picture checked here (off the event loop), encoded where the model is loaded."""
+        try:
+            upload = await asyncio.to_thread(read_upload, image)
+            return await self.backend.start_completion(request, upload, keep_rows)
+        except (ValidationError, ModelLoadError, BackendError) as e:
             raise _error(str(e)) from None
-        return scheduler.pipeline.vqgan
 
     def admit(self, request: GenerationRequest) -> Ticket:
         """Count the request's images against its client, or tell the user the client's limit."""
@@ -236,12 +233,7 @@ class Handlers:
             prompt, negative_prompt, model, num_images, seed, temperature, top_k, top_p, cond_scale, seamless,
             client=visitor_key(visitor, profile),
         )
-        image = uploaded_file(image)
-        vqgan = await self._vqgan(request.model)
-        try:  # reading and encoding the picture is CPU work: off the event loop
-            request = await asyncio.to_thread(start_completion, request, image, keep_rows, vqgan)
-        except ValidationError as e:
-            raise _error(str(e)) from None
+        request = await self._start_completion(request, uploaded_file(image), keep_rows)
         async for update in self._run(request, progress):
             yield update
 

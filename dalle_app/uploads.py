@@ -102,7 +102,10 @@ def _from_pixels(image: Image.Image) -> Upload:
 
 
 def read_upload(value: Any) -> Upload:
-    """The picture in `value` (path, Gradio file record, bytes, PIL image or array), checked."""
+    """The picture in `value` (path, Gradio file record, bytes, PIL image or array), checked; an
+    `Upload` (already checked, e.g. by the front end of a Ray Serve deployment) as it is."""
+    if isinstance(value, Upload):
+        return value
     if isinstance(value, dict):
         value = value.get("path") or value.get("url")
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -151,8 +154,8 @@ def check_keep_rows(value: Any, rows: int) -> int:
 
 
 def start_completion(request: GenerationRequest, image: Any, keep_rows: Any, vqgan: "VQGAN") -> GenerationRequest:
-    """`request` completing the picture `image` (any form `read_upload` takes) from its top
-    `keep_rows` code rows; raises ValidationError for a bad picture or keep_rows."""
+    """`request` completing the picture `image` (any form `read_upload` takes, an `Upload` too)
+    from its top `keep_rows` code rows; raises ValidationError for a bad picture or keep_rows."""
     config = vqgan.config
     keep = check_keep_rows(keep_rows, config.latent_size)
     upload = read_upload(image)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
@@ -127,6 +127,29 @@ def test_validation_messages_are_the_front_ends(client):
         client.predict(prompt="   ", api_name="/generate")
     with pytest.raises(AppError, match="num_images must be"):
         client.predict(prompt="a red square", num_images=99, api_name="/generate")
+
+
+def test_complete_runs_on_the_replicas_like_in_the_single_process_app(apps, client, tmp_path):
+    """The front end checks the upload; a replica encodes it with its VQGAN and completes it."""
+    start = tmp_path / "start.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(start)
+    args = dict(prompt="a red square above a blue circle", keep_rows=8, num_images=2, seed=77, api_name="/complete")
+    local = Client(apps[0], verbose=False)
+    try:
+        local_gallery, local_summary = local.predict(handle_file(str(start)), **args)
+    finally:
+        local.close()
+    gallery, summary = client.predict(handle_file(str(start)), **args)
+    assert summary["status"] == "done" and summary["replica"] not in ("", "local") and summary["keep_rows"] == 8
+    assert summary["seeds"] == local_summary["seeds"] and summary["scores"] == local_summary["scores"]
+    for ours, theirs in zip(gallery, local_gallery, strict=True):
+        assert np.abs(pixels(ours["image"]) - pixels(theirs["image"])).max() <= 2
+    with pytest.raises(AppError, match="keep_rows must be a whole number from 1 to 15"):
+        client.predict(handle_file(str(start)), "a red square", 16, api_name="/complete")
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("not a picture")
+    with pytest.raises(AppError, match="not a picture this app can read"):
+        client.predict(handle_file(str(not_a_picture)), "a red square", 8, api_name="/complete")
 
 
 def burst(url: str, users: int, each: int, num_images: int = 2) -> list[tuple[dict, dict | str]]:

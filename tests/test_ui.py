@@ -13,9 +13,11 @@ from PIL import Image
 
 from dalle_app import images as pngs
 from dalle_app import ui
+from dalle_app.backend import BackendError
 from dalle_app.catalog import Catalog, ModelEntry, ModelPool, check_entry, short_reason
 from dalle_app.scheduler import JobEvent, QueueFullError
 from dalle_app.ui import BUSY_MESSAGE, Handlers, build_app, caption
+from dalle_app.uploads import Upload
 from tests.app_support import read_metadata
 
 
@@ -363,9 +365,25 @@ def test_an_unexpected_failure_ends_the_request_with_a_message(tmp_path):
         run(collect(h.generate("a red square", num_images=1)))
 
 
-def test_complete_needs_the_models_in_this_process(tmp_path, monkeypatch):
+def test_complete_checks_the_picture_here_and_has_it_encoded_where_the_model_is(tmp_path, monkeypatch):
+    """The handler reads and checks the upload itself, then hands the checked picture to the
+    backend (e.g. Ray Serve replicas), whose errors reach the user as messages."""
     h = make_handlers(tmp_path, ScriptedScheduler())
-    h.backend = SimpleNamespace()  # e.g. Ray Serve replicas: the start picture cannot be encoded here
-    image = uploaded(tmp_path, monkeypatch, tile(3))
-    with pytest.raises(gr.Error, match="separate model servers"):
-        run(collect(h.complete(image, "a red square", 2)))
+    calls = []
+
+    class Remote:
+        async def start_completion(self, request, upload, keep_rows):
+            calls.append((request, upload, keep_rows))
+            raise BackendError("The model servers are not running (they failed to start): see the server log.")
+
+    h.backend = Remote()
+    with pytest.raises(gr.Error, match="model servers are not running"):
+        run(collect(h.complete(uploaded(tmp_path, monkeypatch, tile(3)), "a red square", 2)))
+    (request, upload, keep_rows), = calls
+    assert isinstance(upload, Upload) and upload.image.size == (8, 8) and len(upload.sha256) == 64
+    assert request.prompt == "a red square" and keep_rows == 2
+    broken = tmp_path / "uploads" / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(gr.Error, match="not a picture this app can read"):
+        run(collect(h.complete({"path": str(broken)}, "a red square", 2)))
+    assert len(calls) == 1  # refused before reaching the backend
