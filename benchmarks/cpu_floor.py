@@ -10,7 +10,9 @@ that nothing stays in cache):
 - `openblas`: numpy's BLAS multiplying R rows by the decoder's two matrix shapes;
 - `xla_default` / `xla_no_ynn`: the same products in one jitted program, with XLA's default dot
   (YNNPACK fusion) and with `xla_cpu_experimental_ynn_fusion_type=""` (what the sampler uses for
-  loops of two images or more).
+  loops of two images or more);
+- `xla_bf16`: the same with bfloat16 weights and rows, accumulated in float32, XLA's default
+  dot (GB/s of float32-equivalent weights, so it compares with the others as a speed).
 The last stdout line is JSON.
 """
 
@@ -63,6 +65,11 @@ def main() -> None:
                 f = jax.jit(lambda x, ws: [x @ w for w in ws], compiler_options=options)
                 seconds = best(lambda: jax.block_until_ready(f(xj, on_device)))
                 results[f"{name} {key}"] = round(nbytes / seconds / 1e9, 2)
+            halves = [w.astype(jnp.bfloat16) for w in on_device]
+            f = jax.jit(lambda x, ws: [jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
+                                       for w in ws])
+            seconds = best(lambda: jax.block_until_ready(f(xj, halves)))
+            results[f"xla_bf16 {key}"] = round(nbytes / seconds / 1e9, 2)
     for key, value in results.items():
         print(f"{key}: {value}")
     print(json.dumps(results))

@@ -50,11 +50,10 @@ from dalle_app.models.dallebart import KV, DalleBartModel
 
 BATCH_AXIS = "batch"
 
-WIDE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-"""XLA options for the CPU programs that multiply several rows by the decoder weights (loops
-of 2+ images, the prefill): XLA's default YNNPACK dot fusion streams an (18, 1024) x (1024, 2730)
-product at about half the rate of XLA's own dot on a 2-core AMD EPYC, while for the 2 rows of one
-image it is slightly faster, so the 1-image loop keeps the default (benchmarks/README.md)."""
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+"""XLA options for the sampler's programs on CPU: without XLA's default YNNPACK dot fusion, XLA's
+own dot streams the decoder weights about twice as fast for the 18 rows of 9 images and somewhat
+faster for the 2 rows of one (benchmarks/README.md, `benchmarks/cpu_floor.py`)."""
 
 
 class GenerationStopped(RuntimeError):
@@ -241,12 +240,11 @@ class Sampler:
         if mesh is not None:
             model = dataclasses.replace(model, params=jax.device_put(model.params, NamedSharding(mesh, P())))
         self.model = model
-        wide = WIDE_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-        self._encode = jax.jit(self._encode_texts, compiler_options=wide)
+        options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
+        self._encode = jax.jit(self._encode_texts, compiler_options=options)
         self._start = jax.jit(self._start_loop)
-        self._prefill = jax.jit(self._prefill_prefix, donate_argnums=(1,), compiler_options=wide)
-        self._run_one = jax.jit(self._run_loop, donate_argnums=(1,))
-        self._run_wide = jax.jit(self._run_loop, donate_argnums=(1,), compiler_options=wide)
+        self._prefill = jax.jit(self._prefill_prefix, donate_argnums=(1,), compiler_options=options)
+        self._run = jax.jit(self._run_loop, donate_argnums=(1,), compiler_options=options)
 
     @property
     def params(self) -> Any:
@@ -401,10 +399,9 @@ class Sampler:
             inputs = np.concatenate([bos, prefix_codes[:, :length - 1]], axis=1)
             state = self._prefill(self.params, state, jnp.asarray(inputs), jnp.asarray(done, jnp.int32))
         every = max(1, total if (progress is None or not progress_every) else int(progress_every))
-        run = self._run_one if batch == 1 else self._run_wide
         while True:
             done = min(total, (done // every + 1) * every)
-            state = run(self.params, state, jnp.asarray(done, jnp.int32))
+            state = self._run(self.params, state, jnp.asarray(done, jnp.int32))
             if done >= total:
                 break
             if progress is not None:
