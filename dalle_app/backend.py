@@ -48,8 +48,8 @@ class Backend(Protocol):
     async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
                                ) -> GenerationRequest:
         """`request` completing `upload` from its top `keep_rows` code rows (encoded by the
-        model's VQGAN unless it carries the model's own codes); raises ModelLoadError or
-        ValidationError."""
+        model's VQGAN unless it carries the model's own codes); raises ModelLoadError,
+        ValidationError, QueueFullError or BackendError."""
         ...
 
 

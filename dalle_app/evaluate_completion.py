@@ -90,8 +90,8 @@ def pipeline_figures(pipe: Any, settings: Mapping[str, float], seed: int = 0, n_
 
         return pipe.vqgan.encode_images([Image.fromarray(image) for image in images])
 
-    def decode(codes: np.ndarray, seamless: bool = False) -> np.ndarray:
-        return np.concatenate([np.asarray(to_uint8(pipe.vqgan.decode(codes[i:i + 8], seamless)))
+    def decode(codes: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(to_uint8(pipe.vqgan.decode(codes[i:i + 8])))
                                for i in range(0, len(codes), 8)])
 
     def render(texts: list[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -189,11 +189,13 @@ class RayBackend:
     async def start_completion(self, request: GenerationRequest, upload: Upload, keep_rows: object,
                                ) -> GenerationRequest:
         """Any replica encodes the picture (all load the same model); its errors come back as
-        they were raised there."""
+        they were raised there, and every replica full is QueueFullError, as for `submit`."""
         tries = self.retries + 1
         while True:
             try:
                 return await self._calls.start_completion.remote(request, upload, keep_rows)
+            except BackPressureError:
+                raise QueueFullError("every replica is full and the front end's queue too") from None
             except DeploymentUnavailableError:
                 raise BackendError(UNAVAILABLE_MESSAGE) from None
             except RayTaskError as e:

@@ -163,6 +163,8 @@ class Handlers:
             return await self.backend.start_completion(request, upload, keep_rows)
         except (ValidationError, ModelLoadError, BackendError) as e:
             raise _error(str(e)) from None
+        except QueueFullError:
+            raise _error(BUSY_MESSAGE) from None
 
     def admit(self, request: GenerationRequest) -> Ticket:
         """Count the request's images against its client, or tell the user the client's limit."""

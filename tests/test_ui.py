@@ -387,3 +387,11 @@ def test_complete_checks_the_picture_here_and_has_it_encoded_where_the_model_is(
     with pytest.raises(gr.Error, match="not a picture this app can read"):
         run(collect(h.complete({"path": str(broken)}, "a red square", 2)))
     assert len(calls) == 1  # refused before reaching the backend
+
+    class Full:
+        async def start_completion(self, request, upload, keep_rows):
+            raise QueueFullError("every replica is full")
+
+    h.backend = Full()
+    with pytest.raises(gr.Error, match=BUSY_MESSAGE[:30]):
+        run(collect(h.complete(uploaded(tmp_path, monkeypatch, tile(3)), "a red square", 2)))
