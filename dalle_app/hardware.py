@@ -24,6 +24,20 @@ PERSISTENT_STORAGE = Path("/data")
 """A Space's persistent storage mount, where one exists (the Hub no longer offers it for new Spaces)."""
 
 
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+"""XLA options for the engine's and the training steps' programs on CPU: without XLA's default
+YNNPACK dot fusion, XLA's own dot streams the decoder weights about twice as fast for the 18 rows
+of 9 images and somewhat faster for 2 rows, and training steps run 1.3-1.5x faster
+(benchmarks/README.md, `benchmarks/cpu_floor.py`)."""
+
+
+def compiler_options() -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for this machine: `CPU_COMPILER_OPTIONS` on CPU, else None."""
+    import jax
+
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 def accelerator_memory_gb() -> float | None:
     """Memory JAX may use on its first accelerator, in GB; None when JAX runs on the CPU."""
     import jax

@@ -46,15 +46,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dalle_app.hardware import compiler_options
 from dalle_app.models.dallebart import KV, DalleBartModel
 
 BATCH_AXIS = "batch"
-
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-"""XLA options for the sampler's programs on CPU: without XLA's default YNNPACK dot fusion, XLA's
-own dot streams the decoder weights about twice as fast for the 18 rows of 9 images and somewhat
-faster for the 2 rows of one (benchmarks/README.md, `benchmarks/cpu_floor.py`)."""
-
 
 class GenerationStopped(RuntimeError):
     """The progress callback asked to stop (e.g. every request in the batch was cancelled)."""
@@ -240,7 +235,7 @@ class Sampler:
         if mesh is not None:
             model = dataclasses.replace(model, params=jax.device_put(model.params, NamedSharding(mesh, P())))
         self.model = model
-        options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
+        options = compiler_options()
         self._encode = jax.jit(self._encode_texts, compiler_options=options)
         self._start = jax.jit(self._start_loop)
         self._prefill = jax.jit(self._prefill_prefix, donate_argnums=(1,), compiler_options=options)

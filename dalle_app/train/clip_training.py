@@ -39,6 +39,7 @@ from dalle_app.data import captions as caption_text
 from dalle_app.data.captions import SIZE_WORDS
 from dalle_app.data.shapes import render
 from dalle_app.data.world import CELL, GRID, INVERSE, PLACE, training_pairs
+from dalle_app.hardware import compiler_options
 from dalle_app.models.clip import (
     CLIPConfig,
     CLIPModule,
@@ -241,7 +242,7 @@ def loss_and_metrics(module: CLIPModule, params: Any, batch: dict[str, Any],
 
 
 def make_train_step(module: CLIPModule, tx: optax.GradientTransformation, analogy_weight: float = 0.0):
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def step(params: Any, opt_state: Any, batch: dict[str, Any]):
         (_, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(module, p, batch, analogy_weight),
                                                  has_aux=True)(params)

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
+from dalle_app.hardware import compiler_options
 from dalle_app.model_files import GENERATION_CONFIG, TOKENIZER_FILES, WORD_FILE
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
@@ -268,7 +269,7 @@ def make_loss(module: DalleBart, outline_weight: float = 0.0):
 def make_train_step(module: DalleBart, tx: optax.GradientTransformation, outline_weight: float = 0.0):
     loss_fn = make_loss(module, outline_weight)
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def step(params: Any, opt_state: Any, batch: dict[str, jax.Array]):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dalle_app.hardware import compiler_options
 from dalle_app.models.vqgan import VQModel, load_vqgan, save_vqgan
 from dalle_app.train.codes import code_encoder
 from dalle_app.train.common import (
@@ -44,7 +45,7 @@ def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGA
         loss = rec["l1"] + cfg.l2_weight * rec["l2"] + cfg.gradient_weight * rec["grad_l1"]
         return loss, {"loss": loss, **rec}
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def step(trained: Any, opt_state: Any, frozen: Any, x: jax.Array, codes: jax.Array):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, x, codes)
         updates, opt_state = tx.update(grads, opt_state, trained)

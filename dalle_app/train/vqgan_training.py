@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
+from dalle_app.hardware import compiler_options
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan, init_params, save_vqgan
 from dalle_app.train.codes import code_consistency, color_consistent_codes
 from dalle_app.train.common import (
@@ -152,7 +153,7 @@ def make_train_step(module: VQModel, tx: optax.GradientTransformation, cfg: VQGA
             metrics["loss"] = loss
         return loss, (metrics, out.indices[:n])
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=compiler_options())
     def step(params: Any, opt_state: Any, x: jax.Array, order: jax.Array):
         (_, (metrics, indices)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, order)
         updates, opt_state = tx.update(grads, opt_state, params)
