@@ -7,12 +7,17 @@ and runs the app's DallePipeline on one prompt. Compilation is timed separately 
 call); the reported times are the best of --repeats calls.
 
     JAX_PLATFORMS=cpu python benchmarks/generate.py --size mini --images 9 --dtype float32 --decode
+    python benchmarks/generate.py --size mega --images 1 9 16 32 64 --dtype bfloat16   # one loop size each
 
-Progress goes to stderr; the last stdout line is one JSON object:
+Several image counts share one set of weights; each is compiled and timed as its own loop size
+and printed as its own JSON line. Compilation is not cached between runs unless --cache-dir names
+a folder: the same command run twice with it shows what a restart of the app costs.
+
+Progress goes to stderr; each image count's stdout line is one JSON object:
 images, gen_s (encode + sampling; gen_cpu_s: the process's CPU seconds for it, a steadier
 figure on a shared machine), encode_s, decode_s (--decode), clip_s (--clip), total_s,
 compile_s, tokens_per_s (codes sampled per second), peak_rss_mb (whole run), weights_mb,
-init_peak_rss_mb (peak right after making the weights), and the settings.
+init_peak_rss_mb (peak right after making the weights), images_per_s, and the settings.
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ def peak_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["mini", "mega"], default="mini")
-    parser.add_argument("--images", type=int, default=9)
+    parser.add_argument("--images", type=int, nargs="+", default=[9],
+                        help="images per decoding loop; several values time several loop sizes")
     parser.add_argument("--dtype", choices=sorted(runtime.DTYPES), default=None,
                         help="compute dtype (default: the backend's default)")
     parser.add_argument("--decode", action="store_true", help="also decode the images with the VQGAN")
@@ -140,19 +146,21 @@ def main() -> None:
                              "the JSON then also gives step_s, the time per step")
     parser.add_argument("--layers", type=int, default=None,
                         help="override the encoder/decoder layer count (quick smoke runs only)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="persistent compilation cache (default: none, to time real compilation)")
     args = parser.parse_args()
     args.decode = args.decode or args.clip  # CLIP scores decoded images
     if args.steps is not None and args.decode:
         parser.error("--steps times part of the sampling only: leave out --decode/--clip")
 
-    runtime.configure(cache_dir=False)  # time real compilation, not a disk cache hit
+    runtime.configure(cache_dir=args.cache_dir or False)
     dtype = runtime.resolve_dtype(args.dtype)
     values = json.loads((SPECS / f"dalle_{args.size}_config.json").read_text())
     if args.layers:
         values.update(encoder_layers=args.layers, decoder_layers=args.layers)
     config = DalleBartConfig.from_dict(values)
     log(f"backend {jax.default_backend()} ({len(jax.local_devices())} device(s)), {args.size}, "
-        f"{runtime.dtype_name(dtype)}, {args.images} image(s)")
+        f"{runtime.dtype_name(dtype)}, {' / '.join(map(str, args.images))} image(s)")
     t = time.perf_counter()
     dalle = random_dallebart(config, dtype)
     jax.block_until_ready(dalle.params)
@@ -163,60 +171,69 @@ def main() -> None:
     text = TextProcessor(load_tokenizer(TOKENIZER, config.max_text_length), config.max_text_length, None)
     vqgan = random_vqgan(jnp.float32)
     clip = random_clip(jnp.float32) if args.clip else None
-    pipe = DallePipeline(dalle, text, vqgan, clip, batch_buckets=(args.images,))
+    pipe = DallePipeline(dalle, text, vqgan, clip, batch_buckets=tuple(sorted(set(args.images))))
+    for n in args.images:
+        result = time_images(args, pipe, n, config.image_length)
+        result.update(weights_mb=round(weights_mb), init_peak_rss_mb=round(init_rss_mb))
+        print(json.dumps(result), flush=True)
 
+
+def time_images(args: argparse.Namespace, pipe: DallePipeline, n: int, image_length: int) -> dict:
+    """Compile (warm-up) and time `--repeats` calls for one loop of `n` images; the result line."""
+    steps = args.steps or image_length
     t = time.perf_counter()
-    pipe.generate_codes(pipe_rows(args), steps=0)
+    pipe.generate_codes(pipe_rows(args, n), steps=0)
     compile_s = time.perf_counter() - t
     if args.decode:
         t = time.perf_counter()
-        pipe.decode_images(np.zeros((args.images, config.image_length), np.int32))
+        pipe.decode_images(np.zeros((n, image_length), np.int32))
         compile_s += time.perf_counter() - t
-    if clip is not None:
-        images = pipe.decode_images(np.zeros((1, config.image_length), np.int32))
+    if pipe.clip is not None:
+        images = pipe.decode_images(np.zeros((1, image_length), np.int32))
         t = time.perf_counter()
-        pipe.score(PROMPT, images * args.images)
+        pipe.score(PROMPT, images * n)
         compile_s += time.perf_counter() - t
-    log(f"compiled in {compile_s:.1f}s (warm-up, includes one decode/score run)")
+    log(f"{n} image(s): compiled in {compile_s:.1f}s (warm-up, includes one decode/score run)")
 
     runs = []
     for r in range(args.repeats):
         cpu = time.process_time()
-        codes, timings = pipe.generate_codes(pipe_rows(args), steps=args.steps)
+        codes, timings = pipe.generate_codes(pipe_rows(args, n), steps=args.steps)
         timings["gen_cpu_s"] = time.process_time() - cpu
         if args.decode:
             t = time.perf_counter()
             images = pipe.decode_images(codes)
             timings["decode_s"] = time.perf_counter() - t
-            if clip is not None:
+            if pipe.clip is not None:
                 t = time.perf_counter()
                 pipe.score(PROMPT, images)
                 timings["clip_s"] = time.perf_counter() - t
         timings["gen_s"] = timings["encode_s"] + timings["generate_s"]
         runs.append(timings)
-        log(f"run {r + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        log(f"{n} image(s), run {r + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     best = {k: min(run[k] for run in runs) for k in runs[0]}
-    result = {
-        "size": args.size, "dtype": runtime.dtype_name(dtype), "backend": jax.default_backend(),
-        "images": args.images, "layers": config.decoder_layers, "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
-        "total_s": round(sum(best.get(k, 0.0) for k in ("gen_s", "decode_s", "clip_s")), 3),
+    total_s = sum(best.get(k, 0.0) for k in ("gen_s", "decode_s", "clip_s"))
+    return {
+        "size": args.size, "dtype": runtime.dtype_name(pipe.dalle.dtype), "backend": jax.default_backend(),
+        "device": jax.local_devices()[0].device_kind, "images": n, "layers": pipe.dalle.config.decoder_layers,
+        "repeats": args.repeats, **{k: round(v, 3) for k, v in best.items()},
+        "total_s": round(total_s, 3),
         "compile_s": round(compile_s, 2),
-        "steps": args.steps or config.image_length,
-        "step_s": round(best["generate_s"] / (args.steps or config.image_length), 4),
-        "tokens_per_s": round(args.images * (args.steps or config.image_length) / best["gen_s"], 1),
+        "cache_dir": None if args.cache_dir is None else str(args.cache_dir),
+        "steps": steps,
+        "step_s": round(best["generate_s"] / steps, 5),
+        "tokens_per_s": round(n * steps / best["gen_s"], 1),
+        "images_per_s": round(n / total_s, 2) if steps == image_length else None,
         "peak_rss_mb": round(peak_rss_mb()),
-        "weights_mb": round(weights_mb),
-        "init_peak_rss_mb": round(init_rss_mb),  # right after making the weights
     }
-    print(json.dumps(result))
 
 
-def pipe_rows(args: argparse.Namespace) -> list:
+def pipe_rows(args: argparse.Namespace, n: int) -> list:
     from dalle_app.pipeline import image_rows
     from dalle_app.request import GenerationRequest, SamplingSettings
 
     sampling = SamplingSettings(top_k=args.top_k, cond_scale=args.cond_scale)
-    return image_rows(GenerationRequest(PROMPT, num_images=args.images, seed=0, sampling=sampling))
+    return image_rows(GenerationRequest(PROMPT, num_images=n, seed=0, sampling=sampling))
 
 
 if __name__ == "__main__":
