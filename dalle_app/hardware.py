@@ -27,8 +27,8 @@ PERSISTENT_STORAGE = Path("/data")
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 """XLA options for the engine's and the training steps' programs on CPU: without XLA's default
 YNNPACK dot fusion, XLA's own dot streams the decoder weights about twice as fast for the 18 rows
-of 9 images and somewhat faster for 2 rows, and training steps run 1.3-1.5x faster
-(benchmarks/README.md, `benchmarks/cpu_floor.py`)."""
+of 9 images and somewhat faster for 2 rows (benchmarks/README.md, `benchmarks/cpu_floor.py`);
+training steps, whose products have the same small-row shapes, gain too."""
 
 
 def compiler_options() -> dict[str, str] | None:
