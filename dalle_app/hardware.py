@@ -28,7 +28,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 """XLA options for the engine's and the training steps' programs on CPU: without XLA's default
 YNNPACK dot fusion, XLA's own dot streams the decoder weights about twice as fast for the 18 rows
 of 9 images and somewhat faster for 2 rows (benchmarks/README.md, `benchmarks/cpu_floor.py`);
-training steps, whose products have the same small-row shapes, gain too."""
+the training steps are compiled with them too."""
 
 
 def compiler_options() -> dict[str, str] | None:
