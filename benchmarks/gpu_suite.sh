@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of benchmarks/README.md in one run (about 7 minutes on an H100/H200):
+# Every GPU figure of benchmarks/README.md in one run:
 #
 #   bash benchmarks/gpu_suite.sh                # the real sizes
 #   REPEATS=1 SIZES="1 2" bash benchmarks/gpu_suite.sh --layers 1   # every code path, on a CPU too
