@@ -176,6 +176,9 @@ def main() -> None:
         result = time_images(args, pipe, n, config.image_length)
         result.update(weights_mb=round(weights_mb), init_peak_rss_mb=round(init_rss_mb))
         print(json.dumps(result), flush=True)
+        pipe.step_s[n] = result["step_s"]
+    if len(pipe.step_s) > 1:  # what the app's scheduler would choose from these step times
+        print(json.dumps({"loop_images": pipe.loop_images(), "step_s": pipe.step_s}), flush=True)
 
 
 def time_images(args: argparse.Namespace, pipe: DallePipeline, n: int, image_length: int) -> dict:

@@ -1,5 +1,6 @@
-"""What this machine offers the app: accelerator memory, a memory budget for loaded models, a
-warning when a GPU is present but JAX cannot use it, and where compiled programs can persist.
+"""What this machine offers the app: accelerator memory, a memory budget for loaded models, the
+memory free now for a decoding loop, a warning when a GPU is present but JAX cannot use it, and
+where compiled programs can persist.
 
 Kept apart from runtime.py (which configures JAX) so the model catalog can ask these questions
 without configuring anything; JAX is imported only by the functions that need it.
@@ -47,6 +48,25 @@ def accelerator_memory_gb() -> float | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     return limit / 1e9 if limit else None
+
+
+def free_memory_bytes() -> float:
+    """Bytes free now where the loop state lives: the first accelerator's (its limit less what JAX
+    holds), or the machine's available RAM when JAX runs on the CPU."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return (1 - MEMORY_SHARE) * machine_memory_gb() * 1e9
 
 
 def machine_memory_gb() -> float:

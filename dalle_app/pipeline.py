@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image
 
 from dalle_app import runtime
+from dalle_app.hardware import free_memory_bytes
 from dalle_app.hub import normalizer_word_file, resolve_model
+from dalle_app.loop_size import largest_loop, loop_bytes_per_image
 from dalle_app.models.clip import CLIP, load_clip
 from dalle_app.models.dallebart import DalleBartModel, load_dallebart
 from dalle_app.models.vqgan import VQGAN, load_vqgan, to_uint8
@@ -40,14 +42,17 @@ from dalle_app.request import (
 from dalle_app.sampling import GenerationStopped, Sampler, batch_mesh, bucket_size, image_seed
 from dalle_app.text import TextProcessor
 
-BATCH_BUCKETS = (1, 2, 4, 9, 16, 32)
-"""Image-batch sizes that get their own compiled program (9 is the default request)."""
+BATCH_BUCKETS = (1, 2, 4, 9, 16, 32, 64)
+"""Image-batch sizes that get their own compiled program (9 is the default request; the larger
+ones are the loop sizes of dalle_app.loop_size)."""
 TEXT_BUCKETS = (2, 4, 8, 16, 32, 64)
 """Numbers of distinct texts (prompts + unconditional inputs) the encoder is compiled for."""
 WARMUP_SIZES = (1, 9)
 """Image counts compiled when a pipeline loads: one image (regenerating a seed) and the default 9."""
 DECODE_BUCKETS = (1, 2, 4, 8)
 """VQGAN batch sizes; larger sets of images are decoded in chunks of the largest."""
+STEP_PROBE = 8
+"""Decoder steps timed per warm-up size to measure the loop step (for dalle_app.loop_size)."""
 PREVIEW_GREY = 128
 """Pixel value of the not-yet-sampled part of a preview."""
 PROGRESS_EVERY = 16
@@ -154,7 +159,7 @@ class DallePipeline:
         self.clip = clip
         self.dtype = dalle.dtype
         self.batch_buckets = tuple(batch_buckets)
-        self.max_batch_images = max(self.batch_buckets)
+        self.step_s: dict[int, float] = {}  # measured loop step time per warm image count
         self._warm: set[int] = set()
 
     # ---- loading --------------------------------------------------------------------------
@@ -201,18 +206,37 @@ class DallePipeline:
 
     def warmup(self, batch_sizes: Sequence[int] = WARMUP_SIZES) -> float:
         """Compile the programs for these image-batch sizes (running the VQGAN and CLIP once on
-        blank codes); returns the seconds it took. Sizes already warm are skipped."""
+        blank codes) and time their loop step (`step_s`); returns the seconds it took. Sizes
+        already warm are skipped."""
         start = time.perf_counter()
         for n in batch_sizes:
             if n in self._warm:
                 continue
             self._warm.add(n)
-            self.generate_codes(image_rows(GenerationRequest("warm up", num_images=n, seed=0)), steps=0)
+            rows = image_rows(GenerationRequest("warm up", num_images=n, seed=0))
+            self.generate_codes(rows, steps=0)
+            self.step_s[n] = self._time_step(rows)
             codes = np.zeros((n, self.image_length), np.int32)
             images = self.decode_images(codes)
             if self.clip is not None:
                 self.clip.score(images, ["warm up"])
         return time.perf_counter() - start
+
+    def _time_step(self, rows: Sequence[ImageSpec]) -> float:
+        """Seconds per decoder step of the compiled loop for these rows: a run of STEP_PROBE
+        steps less a run of none (both include the loop's setup)."""
+        probe = min(STEP_PROBE, self.image_length)
+        setup = self.generate_codes(rows, steps=0)[1]["generate_s"]
+        run = self.generate_codes(rows, steps=probe)[1]["generate_s"]
+        return max(0.0, run - setup) / probe
+
+    def loop_images(self) -> int:
+        """Images per decoding loop on this device (dalle_app.loop_size): from the step times
+        measured at warm-up and the memory free now."""
+        cfg = self.dalle.config
+        per_image = loop_bytes_per_image(cfg.decoder_layers, cfg.d_model, cfg.image_length, cfg.max_text_length,
+                                         cfg.image_vocab_size, np.dtype(self.dtype).itemsize)
+        return largest_loop(self.step_s, per_image // self.sampler.num_devices, free_memory_bytes())
 
     # ---- one call -------------------------------------------------------------------------
 
@@ -248,8 +272,9 @@ class DallePipeline:
         groups = [image_rows(request, j * num_images) for j, request in enumerate(requests)]
         rows = [r for g in groups for r in g]
         codes, timings = [], {"encode_s": 0.0, "generate_s": 0.0}
-        for start in range(0, len(rows), self.max_batch_images):
-            part_codes, t = self.generate_codes(rows[start:start + self.max_batch_images])
+        loop = self.loop_images()
+        for start in range(0, len(rows), loop):
+            part_codes, t = self.generate_codes(rows[start:start + loop])
             codes.append(part_codes)
             timings = {k: timings[k] + t[k] for k in timings}
         return self.finish(prompts, groups, np.concatenate(codes), timings, started)

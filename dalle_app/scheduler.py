@@ -48,8 +48,8 @@ from dalle_app.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_IMAGES = 16
-"""Images decoded in one shared loop (the largest default batch bucket)."""
+LOOP_IMAGES_ENV = "DALLE_APP_MAX_LOOP_IMAGES"
+"""Sets the images per shared loop outright, instead of the pipeline's `loop_images()`."""
 MAX_QUEUED_IMAGES = 256
 """Images waiting for a loop (sixteen full loops) before `submit` answers QueueFullError."""
 MAX_QUEUED_IMAGES_ENV = "DALLE_APP_MAX_QUEUED_IMAGES"
@@ -238,7 +238,8 @@ class Scheduler:
     """Owns the pipeline through one worker thread; batches waiting requests into shared loops.
 
     - `max_batch_images`: most images decoded in one loop (a request with more images is
-      split over consecutive loops).
+      split over consecutive loops). None: $DALLE_APP_MAX_LOOP_IMAGES, else what the pipeline
+      chose for this device (`DallePipeline.loop_images`: 16, or up to 64 where that pays).
     - `max_queued_images`: most images waiting for a loop; `submit` raises QueueFullError for
       a request that would pass it. None: $DALLE_APP_MAX_QUEUED_IMAGES, else MAX_QUEUED_IMAGES.
     - `progress_every`: decoder steps between progress events.
@@ -249,12 +250,14 @@ class Scheduler:
       together (e.g. several users clicking at once) share a loop.
     """
 
-    def __init__(self, pipeline: DallePipeline, max_batch_images: int = MAX_BATCH_IMAGES,
+    def __init__(self, pipeline: DallePipeline, max_batch_images: int | None = None,
                  max_queued_images: int | None = None, progress_every: int = PROGRESS_EVERY,
                  preview_every: int = PREVIEW_EVERY, max_preview_images: int = MAX_PREVIEW_IMAGES,
                  gather_s: float = GATHER_S) -> None:
         if max_queued_images is None:
             max_queued_images = positive_int_env(os.environ, MAX_QUEUED_IMAGES_ENV, MAX_QUEUED_IMAGES)
+        if max_batch_images is None:
+            max_batch_images = positive_int_env(os.environ, LOOP_IMAGES_ENV, pipeline.loop_images())
         if max_batch_images < 1 or max_queued_images < 1 or progress_every < 1:
             raise ValueError("max_batch_images, max_queued_images and progress_every must be ≥ 1")
         self.pipeline = pipeline

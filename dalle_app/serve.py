@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, MutableMapping, Sequence
 
 from dalle_app.admission import positive_int_env
-from dalle_app.scheduler import MAX_BATCH_IMAGES, MAX_QUEUED_IMAGES, MAX_QUEUED_IMAGES_ENV
+from dalle_app.loop_size import LOOP_SIZES
+from dalle_app.scheduler import MAX_QUEUED_IMAGES, MAX_QUEUED_IMAGES_ENV
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ MAX_QUEUED_REQUESTS = 64
 """Requests the front end holds while every replica is full (then: "busy"). Requests arriving
 together wait here for a moment before being routed, so this is also the largest burst that
 is never turned away when the replicas have room."""
-TARGET_ONGOING_REQUESTS = MAX_BATCH_IMAGES
-"""Autoscaling target: ongoing requests per replica (a full decoding loop of one-image jobs)."""
+TARGET_ONGOING_REQUESTS = LOOP_SIZES[0]
+"""Autoscaling target: ongoing requests per replica (a full decoding loop of one-image jobs on
+any device)."""
 FORWARDED_ENV = ("DALLE_APP_", "HF_")
 """Environment variables (by prefix) the replicas get from the front end: the model list and
 default, the compilation cache, offline mode."""
@@ -52,9 +54,9 @@ default, the compilation cache, offline mode."""
 
 def max_ongoing_requests(env: Mapping[str, str]) -> int:
     """Requests one replica holds at once: as many one-image requests as its scheduler lets wait
-    (bigger ones meet the scheduler's own image bound, "busy", first), plus a loop's worth.
+    (bigger ones meet the scheduler's own image bound, "busy", first), plus the largest loop's worth.
     Serve's default (5) would keep most users out of each decoding loop."""
-    return positive_int_env(env, MAX_QUEUED_IMAGES_ENV, MAX_QUEUED_IMAGES) + MAX_BATCH_IMAGES
+    return positive_int_env(env, MAX_QUEUED_IMAGES_ENV, MAX_QUEUED_IMAGES) + max(LOOP_SIZES)
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:

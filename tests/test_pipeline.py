@@ -97,6 +97,19 @@ def test_batched_rows_equal_rows_alone(pipe: DallePipeline) -> None:
         np.testing.assert_array_equal(pipe.generate_codes([one])[0][0], codes)
 
 
+def test_a_call_splits_its_images_over_loops_of_the_pipelines_size(pipe: DallePipeline,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = pipe("a red bus", num_images=5, seed=3, top_k=20)
+    loops: list[int] = []
+    generate_codes = pipe.generate_codes
+    monkeypatch.setattr(pipe, "loop_images", lambda: 2)
+    monkeypatch.setattr(pipe, "generate_codes", lambda rows, *a, **k: loops.append(len(rows)) or generate_codes(rows, *a, **k))
+    split = pipe("a red bus", num_images=5, seed=3, top_k=20)
+    assert loops == [2, 2, 1]
+    assert [i.seed for i in split.images[0]] == [i.seed for i in whole.images[0]]
+    assert all(np.array_equal(a.codes, b.codes) for a, b in zip(split.images[0], whole.images[0]))
+
+
 def test_negative_prompt_changes_only_the_unconditional_branch(pipe: DallePipeline) -> None:
     """With cond_scale 1 the guided logits are the conditional ones, so a negative prompt
     cannot change greedy codes; with guidance it does."""
@@ -134,7 +147,8 @@ def test_warmup_and_checks(models: dict[str, Path], pipe: DallePipeline,
 
     monkeypatch.setattr(pipe, "generate_codes", counted)
     pipe.warmup([1, 2])
-    assert runs == [2]  # size 1 is already warm: only size 2 runs
+    assert runs == [2, 2, 2]  # size 1 is already warm: only size 2 compiles, then its step is timed
+    assert set(pipe.step_s) == {1, 2} and all(0 <= t < 60 for t in pipe.step_s.values())
     monkeypatch.undo()
     with pytest.raises(ModelMismatchError, match="4×4 grid|5×5 grid"):
         DallePipeline.from_pretrained(models["dalle"], models["vqgan_5x5"], clip=False)

@@ -34,6 +34,9 @@ class FakePipeline:
         self.fail: Callable[[list[ImageSpec]], Exception | None] = lambda rows: None
         self.stopped = 0
 
+    def loop_images(self) -> int:
+        return 16
+
     def generate_codes(self, rows, progress=None, progress_every=None, steps=None):
         self.loops.append(list(rows))
         self.started.set()

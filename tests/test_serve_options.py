@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dalle_app import serve
-from dalle_app.scheduler import MAX_BATCH_IMAGES, MAX_QUEUED_IMAGES, MAX_QUEUED_IMAGES_ENV
+from dalle_app.loop_size import LOOP_SIZES
+from dalle_app.scheduler import MAX_QUEUED_IMAGES, MAX_QUEUED_IMAGES_ENV
 
 
 def scaling(argv: list[str], resources: dict[str, float] | None = None) -> serve.Scaling:
@@ -41,7 +42,7 @@ def test_fixed_replicas_reserve_their_resources_and_hold_a_schedulers_worth_of_r
     options = serve.Scaling(replicas=2, gpus_per_replica=1, cpus_per_replica=2).deployment_options(
         {"DALLE_APP_MODELS": "folder", "HF_HUB_OFFLINE": "1", "HOME": "/srv/visitor"})
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
-    assert options["max_ongoing_requests"] == MAX_QUEUED_IMAGES + MAX_BATCH_IMAGES  # one-image requests
+    assert options["max_ongoing_requests"] == MAX_QUEUED_IMAGES + max(LOOP_SIZES)  # one-image requests
     assert options["max_queued_requests"] == serve.MAX_QUEUED_REQUESTS
     actor = options["ray_actor_options"]
     assert (actor["num_gpus"], actor["num_cpus"]) == (1, 2)
@@ -50,7 +51,7 @@ def test_fixed_replicas_reserve_their_resources_and_hold_a_schedulers_worth_of_r
 
 def test_a_smaller_scheduler_queue_makes_a_smaller_replica_bound():
     options = serve.Scaling(replicas=1).deployment_options({MAX_QUEUED_IMAGES_ENV: "32"})
-    assert options["max_ongoing_requests"] == 32 + MAX_BATCH_IMAGES
+    assert options["max_ongoing_requests"] == 32 + max(LOOP_SIZES)
 
 
 def test_autoscaling_options_become_serves_autoscaling_config():
