@@ -317,6 +317,52 @@ def test_codes_made_consistent_give_each_color_of_an_image_one_code() -> None:
                           [[7, 5, 5, 5]])
 
 
+def test_color_purity_counts_cells_on_codes_another_colour_owns() -> None:
+    from dalle_app.train.codes import color_purity, palette_cells
+
+    palette = np.array([[255, 0, 0], [0, 255, 0]])
+    image = np.full((1, 8, 8, 3), 255, np.uint8)  # cells: red, green / red, white (no palette colour)
+    image[0, :4, :4] = palette[0]
+    image[0, :4, 4:] = palette[1]
+    image[0, 4:, :4] = palette[0]
+    labels = palette_cells(image, 4, palette)
+    assert labels.tolist() == [[0, 1, 0, -1]]
+    assert color_purity(np.array([[1, 4, 2, 3]]), labels, 8, 2) == 1.0
+    assert color_purity(np.array([[1, 1, 2, 3]]), labels, 8, 2) == pytest.approx(2 / 3)  # red and green share 1
+
+
+def test_a_colour_sharing_its_codes_gets_a_code_of_its_own() -> None:
+    from dalle_app.train import vqgan_training
+    from dalle_app.train.vqgan_training import PALETTE, _separate_colors
+
+    side, table = 4, np.zeros((6, 2), np.float32)
+    params = {"quantize": {"embedding": {"embedding": table}}}
+    image = np.full((1, 8, 8, 3), 1.0, np.float32)  # cells: colour 0, colour 1, colour 0, white
+    image[0, :4, :4] = image[0, 4:, :4] = PALETTE[0] / 255
+    image[0, :4, 4:] = PALETTE[1] / 255
+    z = np.array([[1, 1], [5, 7], [3, 3], [9, 9]], np.float32)
+    usage = np.array([50, 40, 0, 30, 3, 8])
+
+    def encode_to(codes):
+        return lambda p, x: (z, np.array([codes]))
+
+    moved, count = _separate_colors(params, usage, encode_to([1, 1, 1, 3]), image, side)
+    assert count == 1  # colour 0 owns code 1 (two cells); colour 1's cell gets code 2, the least used spare
+    assert np.array_equal(np.asarray(moved["quantize"]["embedding"]["embedding"])[2], [5, 7])
+    assert _separate_colors(params, usage, encode_to([1, 4, 1, 3]), image, side)[1] == 0
+    assert vqgan_training.OWN_SHARE > 0.5
+
+
+@pytest.mark.slow
+def test_a_vqgan_that_mixes_colours_stops_the_run_with_what_to_do(tmp_path: Path) -> None:
+    from dalle_app.train.profiles import PROFILES
+    from dalle_app.train.vqgan_training import train_vqgan
+
+    tiny = PROFILES["tiny"]
+    with pytest.raises(SystemExit, match="mix object colours.*another --seed"):
+        train_vqgan(tmp_path, tiny.vqgan_model, dataclasses.replace(tiny.vqgan, steps=2, min_color_purity=1.01))
+
+
 @pytest.mark.slow
 def test_export_falls_back_to_float16_over_the_size_limit(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     from dalle_app.models.clip import load_clip

@@ -45,6 +45,31 @@ def color_consistent_codes(images: np.ndarray, indices: np.ndarray, side: int) -
     return out
 
 
+def palette_cells(images: np.ndarray, side: int, palette: np.ndarray, tolerance: float = 25.0) -> np.ndarray:
+    """(N, cells) int: the index of the `palette` colour (K, 3) in 0-255 each cell shows, -1 for
+    cells near none of them (backgrounds, the edges of objects)."""
+    n, h, w, c = images.shape
+    scale = 255.0 if images.dtype != np.uint8 else 1.0
+    cells = images.reshape(n, h // side, side, w // side, side, c).astype(np.float32).mean((2, 4)) * scale
+    distance = np.linalg.norm(cells.reshape(n, -1, 1, c) - np.asarray(palette, np.float32), axis=-1)
+    return np.where(distance.min(-1) < tolerance, distance.argmin(-1), -1)
+
+
+def code_owners(indices: np.ndarray, labels: np.ndarray, n_codes: int, n_colors: int) -> np.ndarray:
+    """(n_codes, n_colors) counts of the cells of each palette colour (`labels` ≥ 0) on each code."""
+    counts = np.zeros((n_codes, n_colors), np.int64)
+    shown = labels >= 0
+    np.add.at(counts, (np.asarray(indices).reshape(labels.shape)[shown], labels[shown]), 1)
+    return counts
+
+
+def color_purity(indices: np.ndarray, labels: np.ndarray, n_codes: int, n_colors: int) -> float:
+    """Share of the palette-coloured cells whose code is used mostly by their own colour: 1.0 when
+    no code stands for two object colours (a code shared by two of them draws one as the other)."""
+    counts = code_owners(indices, labels, n_codes, n_colors)
+    return float(counts.max(1).sum() / max(1, counts.sum()))
+
+
 def code_encoder(module: VQModel) -> Callable[[Any, np.ndarray], np.ndarray]:
     """Jitted (params, images (N, H, W, C) in [0, 1]) → the codes DalleBart is trained on, (N, h*w):
     the encoder's codes made one per color by `color_consistent_codes`."""

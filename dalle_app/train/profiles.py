@@ -1,9 +1,9 @@
 """Model sizes, batch sizes and step counts for each kind of machine (`--profile`).
 
-- `cpu`: about 96 minutes for one `all` run on a 2-core AMD EPYC (tanh GELU in DalleBart, 4400
-  steps, fine-tunes of 400; README, Training). The shipped assets came from the recipe before it
-  (exact GELU, 3500 steps, fine-tunes of 500). `--minutes-budget 90` scales the step counts down
-  to 90 minutes on any machine.
+- `cpu`: tanh GELU in DalleBart, 4400 steps, fine-tunes of 400: about 3.6 hours for one `all`
+  run on a 2-core AMD EPYC without AVX-512 (docs/embedded-model.md, Time). The shipped assets
+  came from the recipe before it (exact GELU, 3500 steps, fine-tunes of 500).
+  `--minutes-budget 90` scales the step counts down to 90 minutes on any machine.
 - `gpu`: one modern GPU for a few minutes: bigger models, batches and dataset.
 - `tiny`: seconds-long runs for the tests.
 
@@ -70,7 +70,7 @@ PROFILES: dict[str, Profile] = {
         vqgan_model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(), resolution=64,
                                 z_channels=32, n_embed=32, embed_dim=8),
         vqgan=VQGANTrainConfig(steps=6, batch_size=4, warmup=2, init_codebook_at=1, restart_every=2, save_every=3,
-                               log_every=3, eval_images=8),
+                               log_every=3, eval_images=8, min_color_purity=0.0),
         clip=CLIPTrainConfig(steps=6, batch_size=8, warmup=2, save_every=3, log_every=3, width=32, layers=1,
                              eval_images=8, analogies=2),
         dallebart=DalleBartTrainConfig(steps=6, batch_size=8, warmup=2, num_samples=64, eval_samples=64,

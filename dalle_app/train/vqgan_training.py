@@ -5,7 +5,11 @@ No perceptual or adversarial loss: the scenes are flat shapes on light backgroun
 losses already give clean reconstructions. The codebook is (1) initialised from encoder outputs
 of real images after a few steps (random init would leave most codes far from the data), then
 (2) every `restart_every` steps, codes no image picked since the last restart are moved onto
-random encoder outputs ("dead-code restarts"). Usage and perplexity are logged and reported.
+random encoder outputs ("dead-code restarts"), and (3) at the same steps an object colour whose
+cells mostly sit on codes another colour owns gets a code of its own, moved onto the mean
+encoder output of its cells: without it a run could end with green and cyan sharing codes, and
+DalleBart, trained on those codes, drew one for the other. Usage, perplexity and colour purity
+(`color_purity`) are logged and reported.
 
 Codes are made *local*: each step also encodes the batch with its cells shuffled (a mosaic of the
 same cells), and a locality loss asks every cell's vector to be the same in both. Without it the
@@ -29,9 +33,16 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
+from dalle_app.data.world import COLORS
 from dalle_app.hardware import compiler_options
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan, init_params, save_vqgan
-from dalle_app.train.codes import code_consistency, color_consistent_codes
+from dalle_app.train.codes import (
+    code_consistency,
+    code_owners,
+    color_consistent_codes,
+    color_purity,
+    palette_cells,
+)
 from dalle_app.train.common import (
     OptimConfig,
     PhaseLog,
@@ -45,6 +56,9 @@ from dalle_app.train.common import (
 )
 
 PHASE = "vqgan"
+PALETTE = np.array(list(COLORS.values()), np.float32)
+OWN_SHARE = 0.9
+"""An object colour with fewer of its cells than this on codes it owns gets a code of its own."""
 
 
 def default_model_config() -> VQGANConfig:
@@ -73,6 +87,7 @@ class VQGANTrainConfig:
     init_codebook_at: int = 20
     restart_every: int = 50
     restart_until: float = 0.8  # fraction of the run after which codes are left alone
+    min_color_purity: float = 0.98  # below it the phase stops with an error (`color_purity`)
     save_every: int = 100
     log_every: int = 20
     eval_images: int = 256
@@ -206,7 +221,8 @@ def evaluate(module: VQModel, params: Any, seed: int, n: int) -> dict[str, float
         idx.append(np.asarray(out.indices))
         drawn.append(np.asarray(decode(params, jnp.asarray(color_consistent_codes(x, idx[-1], side)))))
     y, x, codes = np.concatenate(rec), images, np.concatenate(idx)
-    return {"eval_mse": float(np.mean((np.clip(y, 0, 1) - x) ** 2)),
+    labels = palette_cells(x, side, PALETTE)
+    return {"eval_color_purity": color_purity(codes, labels, module.config.n_embed, len(PALETTE)),"eval_mse": float(np.mean((np.clip(y, 0, 1) - x) ** 2)),
             "eval_l1": float(np.mean(np.abs(np.clip(y, 0, 1) - x))),
             "eval_drawn_l1": float(np.mean(np.abs(np.clip(np.concatenate(drawn), 0, 1) - x))),
             "eval_code_consistency": code_consistency(x, codes, side),
@@ -245,16 +261,18 @@ def train_vqgan(
             step > cfg.init_codebook_at and step % cfg.restart_every == 0 and step <= restart_until
         ):
             rng = np.random.default_rng(phase_seed(seed, "vqgan-codes", step))
+            usage = st["usage"]
             p, st["usage"], restarted = _restart_codes(
-                p, st["usage"], encode, x, rng, everything=step == cfg.init_codebook_at
+                p, usage, encode, x, rng, everything=step == cfg.init_codebook_at
             )
+            p, separated = _separate_colors(p, usage, encode, x, model_cfg.downsampling)
         else:
-            restarted = 0
+            restarted = separated = 0
         order = np.random.default_rng(phase_seed(seed, "vqgan-mosaic", step)).permutation(model_cfg.num_codes)
         p, opt_state, metrics, indices = train_step(p, st["opt_state"], x, jnp.asarray(order))
         st["usage"] = st["usage"] + np.bincount(np.asarray(indices).reshape(-1), minlength=model_cfg.n_embed)
         st["params"], st["opt_state"] = p, opt_state
-        return st, {**metrics, "restarted": restarted}
+        return st, {**metrics, "restarted": restarted, "separated": separated}
 
     def export(st: dict[str, Any]) -> None:
         save_vqgan(folder / "model", model_cfg, st["params"])
@@ -267,6 +285,11 @@ def train_vqgan(
               **evaluate(module, state["params"], seed, cfg.eval_images)}
     log(int(state["step"]), **report)
     write_json(folder / "report.json", report)
+    if report["eval_color_purity"] < cfg.min_color_purity:
+        raise SystemExit(
+            f"The trained VQGAN's codes mix object colours (colour purity {report['eval_color_purity']:.3f}, "
+            f"below {cfg.min_color_purity}): DalleBart trained on them would draw one colour for another. "
+            f"Remove {folder} and train again with another --seed.")
     return model_cfg, state["params"], report
 
 
@@ -280,3 +303,23 @@ def _restart_codes(params: Any, usage: np.ndarray, encode, x: jax.Array, rng: np
         noise = rng.normal(0.0, 0.01 * (z.std() + 1e-6), picks.shape)
         params = replace_codes(params, rows, (picks + noise).astype(np.float32))
     return params, np.zeros_like(usage), int(rows.size)
+
+
+def _separate_colors(params: Any, usage: np.ndarray, encode, x: jax.Array, side: int) -> tuple[Any, int]:
+    """Give each object colour of batch x whose cells sit on codes it owns less than OWN_SHARE of
+    the time a code of its own: the least-used code (by `usage`) that no colour's cell picked,
+    moved onto the mean encoder output of that colour's cells. Returns params and the codes moved."""
+    z, indices = (np.asarray(a) for a in encode(params, x))
+    labels = palette_cells(np.asarray(x), side, PALETTE).reshape(-1)
+    counts = code_owners(indices, labels, usage.size, len(PALETTE))
+    owner = np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+    spare = [int(c) for c in np.argsort(usage, kind="stable") if counts[c].sum() == 0]
+    codes, moved = indices.reshape(-1), []
+    for color in range(len(PALETTE)):
+        cells = labels == color
+        if cells.any() and spare and np.mean(owner[codes[cells]] == color) < OWN_SHARE:
+            moved.append((spare.pop(0), z[cells].mean(0)))
+    if moved:
+        rows, vectors = zip(*moved)
+        params = replace_codes(params, np.array(rows), np.stack(vectors).astype(np.float32))
+    return params, len(moved)
