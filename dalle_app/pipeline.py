@@ -232,11 +232,12 @@ class DallePipeline:
 
     def loop_images(self) -> int:
         """Images per decoding loop on this device (dalle_app.loop_size): from the step times
-        measured at warm-up and the memory free now."""
+        measured at warm-up and the memory free now, at most the largest batch bucket."""
         cfg = self.dalle.config
         per_image = loop_bytes_per_image(cfg.decoder_layers, cfg.d_model, cfg.image_length, cfg.max_text_length,
                                          cfg.image_vocab_size, np.dtype(self.dtype).itemsize)
-        return largest_loop(self.step_s, per_image // self.sampler.num_devices, free_memory_bytes())
+        chosen = largest_loop(self.step_s, per_image // self.sampler.num_devices, free_memory_bytes())
+        return min(chosen, max(self.batch_buckets))
 
     # ---- one call -------------------------------------------------------------------------
 

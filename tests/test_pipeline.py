@@ -106,6 +106,8 @@ def test_a_call_splits_its_images_over_loops_of_the_pipelines_size(pipe: DallePi
     monkeypatch.setattr(pipe, "generate_codes", lambda rows, *a, **k: loops.append(len(rows)) or generate_codes(rows, *a, **k))
     split = pipe("a red bus", num_images=5, seed=3, top_k=20)
     assert loops == [2, 2, 1]
+    monkeypatch.undo()
+    assert pipe.loop_images() == 8  # never past the largest bucket (1, 4, 8) it was made with
     assert [i.seed for i in split.images[0]] == [i.seed for i in whole.images[0]]
     assert all(np.array_equal(a.codes, b.codes) for a, b in zip(split.images[0], whole.images[0]))
 
