@@ -41,24 +41,25 @@ def compiler_options() -> dict[str, str] | None:
 
 def accelerator_memory_gb() -> float | None:
     """Memory JAX may use on its first accelerator, in GB; None when JAX runs on the CPU."""
+    limit = _accelerator_memory_stats().get("bytes_limit")
+    return limit / 1e9 if limit else None
+
+
+def _accelerator_memory_stats() -> dict:
+    """JAX's memory statistics of its first accelerator; empty when JAX runs on the CPU."""
     import jax
 
     if jax.default_backend() == "cpu":
-        return None
-    stats = jax.local_devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    return limit / 1e9 if limit else None
+        return {}
+    return jax.local_devices()[0].memory_stats() or {}
 
 
 def free_memory_bytes() -> float:
     """Bytes free now where the loop state lives: the first accelerator's (its limit less what JAX
     holds), or the machine's available RAM when JAX runs on the CPU."""
-    import jax
-
-    if jax.default_backend() != "cpu":
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if stats.get("bytes_limit"):
-            return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    stats = _accelerator_memory_stats()
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

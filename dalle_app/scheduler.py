@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 LOOP_IMAGES_ENV = "DALLE_APP_MAX_LOOP_IMAGES"
 """Sets the images per shared loop outright, instead of the pipeline's `loop_images()`."""
 MAX_QUEUED_IMAGES = 256
-"""Images waiting for a loop (sixteen full loops) before `submit` answers QueueFullError."""
+"""Images waiting for a loop (sixteen loops of 16) before `submit` answers QueueFullError."""
 MAX_QUEUED_IMAGES_ENV = "DALLE_APP_MAX_QUEUED_IMAGES"
 PROGRESS_EVERY = 16
 """Decoder steps between progress events."""
