@@ -25,7 +25,6 @@ import numpy as np
 import optax
 
 from dalle_app.data import batch as data_batch
-from dalle_app.hardware import compiler_options
 from dalle_app.model_files import GENERATION_CONFIG, TOKENIZER_FILES, WORD_FILE
 from dalle_app.models.dallebart import DalleBart, DalleBartConfig, stack_layers
 from dalle_app.models.vqgan import VQGANConfig, VQModel, build_vqgan
@@ -269,7 +268,8 @@ def make_loss(module: DalleBart, outline_weight: float = 0.0):
 def make_train_step(module: DalleBart, tx: optax.GradientTransformation, outline_weight: float = 0.0):
     loss_fn = make_loss(module, outline_weight)
 
-    @partial(jax.jit, compiler_options=compiler_options())
+    @jax.jit  # XLA's own CPU options: unlike the sampler's (hardware.CPU_COMPILER_OPTIONS), they keep
+    # YNNPACK's dot fusion, which runs this step's products of batch × 256 rows about 1.3x faster
     def step(params: Any, opt_state: Any, batch: dict[str, jax.Array]):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
