@@ -11,7 +11,8 @@ scenes and freshly initialised weights. Each step function is jitted twice:
 - `xla_default`: XLA's own options, the fusion on.
 
 They alternate, `--repeats` times each, and each time is the mean of `--steps` steps after a
-warm-up step; the best of the repeats is printed with the option each phase's trainer uses.
+warm-up step; the best of the repeats is printed. Which one each trainer compiles its step with,
+and why: `hardware.CPU_COMPILER_OPTIONS`.
 The last stdout line is JSON.
 """
 
@@ -41,11 +42,6 @@ from dalle_app.models.vqgan import build_vqgan  # noqa: E402
 from dalle_app.train import clip_training, dallebart_training, vqgan_training  # noqa: E402
 from dalle_app.train.common import OptimConfig, make_optimizer  # noqa: E402
 from dalle_app.train.profiles import PROFILES  # noqa: E402
-
-# What each trainer compiles its step with (the docstrings of hardware.CPU_COMPILER_OPTIONS and
-# dallebart_training.make_train_step say why).
-USED = {"vqgan": "sampler_options", "clip": "sampler_options", "dallebart": "xla_default"}
-
 
 def vqgan_case():
     cfg, model = PROFILES["cpu"].vqgan, PROFILES["cpu"].vqgan_model
@@ -112,11 +108,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for option, jitted in compiled.items():
                 times[option].append(seconds_per_step(jitted, inputs, args.steps))
-        results[name] = {k: round(min(v), 3) for k, v in times.items()}
-        results[name]["used"] = USED[name]
-        best = results[name]
+        best = results[name] = {k: round(min(v), 3) for k, v in times.items()}
         print(f"{name:10s} sampler options {best['sampler_options']:.3f} s/step   XLA default "
-              f"{best['xla_default']:.3f} s/step   trainer uses {USED[name]}", flush=True)
+              f"{best['xla_default']:.3f} s/step", flush=True)
     print(json.dumps({"seconds_per_step": results, **cpu_facts()}))
 
 

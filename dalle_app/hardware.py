@@ -26,12 +26,13 @@ PERSISTENT_STORAGE = Path("/data")
 
 
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-"""XLA options for the engine's and the training steps' programs on CPU: without XLA's default
-YNNPACK dot fusion, XLA's own dot streams the decoder weights about twice as fast for the 18 rows
-of 9 images and somewhat faster for 2 rows (benchmarks/README.md, `benchmarks/cpu_floor.py`).
-The VQGAN and CLIP training steps are compiled with them too (the VQGAN's convolutions run faster
-without the fusion, CLIP's step the same); DalleBart's is not, as its products of thousands of
-rows run faster with it (`benchmarks/train_steps.py`, docs/embedded-model.md, Time)."""
+"""XLA options for the engine's programs on CPU: without XLA's default YNNPACK dot fusion, XLA's
+own dot streams the decoder weights about twice as fast for the 18 rows of 9 images and somewhat
+faster for 2 rows (benchmarks/README.md, `benchmarks/cpu_floor.py`). The VQGAN's training steps
+(and its decoder fine-tune) use them too, as its convolutions run faster without the fusion, and
+so does CLIP's, which runs the same either way. DalleBart's training step does not: its products
+of thousands of rows run faster with the fusion (`benchmarks/train_steps.py`,
+docs/embedded-model.md, Time)."""
 
 
 def compiler_options() -> dict[str, str] | None:
